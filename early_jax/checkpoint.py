@@ -1,0 +1,69 @@
+"""Orbax checkpoints of the full training state; the only module that calls Orbax.
+
+Orbax writes each step into a temporary folder and renames it when complete, so a run killed while
+saving leaves the previous checkpoints intact and the half-written one is ignored and cleaned up.
+"""
+from __future__ import annotations
+
+import os
+
+import flax.serialization
+import jax
+import orbax.checkpoint as ocp
+
+from early_jax.errors import UserError
+
+
+class Checkpoints:
+    """The checkpoints of one run in one folder: save at steps, list, restore into a target."""
+
+    def __init__(self, directory: str, keep_latest: int | None = None):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True,
+                                               enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state) -> None:
+        if step in self.steps():
+            return
+        self._manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+        self._manager.wait_until_finished()
+
+    def restore(self, step: int, target):
+        """Restore `step` into the structure, shapes and shardings of `target` (arrays or abstract).
+
+        A missing, unreadable or mismatched checkpoint raises UserError naming the folder and step.
+        """
+        path = os.path.join(self.directory, str(step))
+        if step not in self.steps():
+            raise UserError(f"no checkpoint for step {step} in {self.directory} "
+                            f"(saved steps: {self.steps() or 'none'})")
+        abstract = jax.tree.map(_abstract, flax.serialization.to_state_dict(target))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as err:  # Orbax raises many types; the user needs the path and the cause
+            raise UserError(f"checkpoint {path} (step {step}) cannot be restored into this run: "
+                            f"{_first_line(err)}. It was written by a different configuration or is "
+                            "corrupt; use another --workdir or delete that folder to recompute it") from err
+        return flax.serialization.from_state_dict(target, restored)
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def _abstract(x):
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:400] if text else type(err).__name__

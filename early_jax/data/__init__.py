@@ -1,0 +1,53 @@
+"""Datasets as records of arrays, from TFDS, local files or synthetic generators."""
+from __future__ import annotations
+
+import os
+import re
+
+from early_jax.data.local import (DEBIAN_FASHION_MNIST, load_cifar_folder, load_idx_folder, load_npz,
+                                  save_npz, synthetic)
+from early_jax.data.record import Dataset, make_dataset
+from early_jax.data.tfds_source import TFDS_NAMES  # tensorflow_datasets is imported lazily there
+from early_jax.errors import UserError
+
+_SYNTHETIC = re.compile(r"synthetic(?::(\d+)x(\d+)x(\d+))?$")
+
+__all__ = ["Dataset", "make_dataset", "load", "synthetic", "save_npz", "TFDS_NAMES"]
+
+
+def load(name_or_path: str, data_dir: str | None = None) -> Dataset:
+    """Resolve a dataset name or path to its record.
+
+    Names: a TFDS name (cifar10, cifar100, mnist, fashion_mnist, svhn_cropped; read from `data_dir`),
+    `fashion_mnist_idx` (IDX files in `data_dir`, default Debian's dataset-fashion-mnist folder),
+    `synthetic` or `synthetic:HxWxC`. Paths: an `.npz`, an IDX folder, or a CIFAR python-batches folder.
+    """
+    match = _SYNTHETIC.match(name_or_path)
+    if match:
+        shape = tuple(int(g) for g in match.groups()) if match.group(1) else (8, 8, 3)
+        return synthetic(shape=shape)
+    if name_or_path == "fashion_mnist_idx":
+        return _load_fashion_mnist_idx(data_dir or DEBIAN_FASHION_MNIST)
+    if name_or_path in TFDS_NAMES:
+        from early_jax.data.tfds_source import load_tfds
+        return load_tfds(name_or_path, data_dir)
+    if os.path.isfile(name_or_path) and name_or_path.endswith(".npz"):
+        return load_npz(name_or_path)
+    if os.path.isdir(name_or_path):
+        entries = os.listdir(name_or_path)
+        if any("idx3-ubyte" in e for e in entries):
+            return load_idx_folder(name_or_path)
+        if {"data_batch_1", "test_batch"} <= set(entries) or {"train", "test", "meta"} <= set(entries):
+            return load_cifar_folder(name_or_path)
+        raise UserError(f"{name_or_path} holds neither IDX files nor CIFAR python batches")
+    raise UserError(f"unknown dataset {name_or_path!r}: use one of {', '.join(TFDS_NAMES)} (TFDS), "
+                    "fashion_mnist_idx, synthetic[:HxWxC], or a path to an .npz file, an IDX folder "
+                    "or a CIFAR python-batches folder")
+
+
+def _load_fashion_mnist_idx(folder: str) -> Dataset:
+    if not os.path.isdir(folder):
+        raise UserError(f"Fashion-MNIST IDX files not found in {folder}: install Debian's package "
+                        "(sudo apt-get install dataset-fashion-mnist) or pass --data_dir=<folder with "
+                        "train-images-idx3-ubyte.gz ...>")
+    return load_idx_folder(folder, name="fashion_mnist")

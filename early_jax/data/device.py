@@ -1,0 +1,126 @@
+"""On-device batching and augmentation: pure jnp functions used inside the compiled train step.
+
+The whole training split lives on the device as uint8; each step gathers its batch from a per-seed
+permutation of the epoch, so no host input pipeline sits in the hot loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@flax.struct.dataclass
+class TrainArrays:
+    """What the train step reads: images, the labels of the current task, optional quarter turns."""
+
+    images: jax.Array            # uint8 [N, H, W, C]
+    labels: jax.Array            # int32 [N]: true labels, fixed random labels, or rotation classes
+    mean: jax.Array              # float32 [C], pixel units in [0, 1]
+    std: jax.Array               # float32 [C]
+    quarter_turns: jax.Array | None = None  # int32 [N]: rotate example i by 90 * turns[i] degrees
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """Static settings of the input transforms (part of the compiled program, not traced)."""
+
+    augment: bool = True         # pad-4 random crop and horizontal flip
+    crop_padding: int = 4
+    blur_factor: int = 1         # >1: downsample by this factor and upsample back (antialiased)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """ceil(N / B), as PyTorch's loader with drop_last=False (391 for CIFAR-10 at batch 128)."""
+    return math.ceil(num_examples / batch_size)
+
+
+def epoch_permutation(order_key: jax.Array, epoch, num_examples: int) -> jax.Array:
+    """The data order of one epoch: a function of (key, epoch) only, so any step can be replayed."""
+    return jax.random.permutation(jax.random.fold_in(order_key, epoch), num_examples)
+
+
+def batch_indices(permutation: jax.Array, position, batch_size: int) -> jax.Array:
+    """Indices of batch `position` of an epoch.
+
+    The last batch of an epoch is topped up from the start of the same permutation, so every batch
+    has the static shape the compiled step needs and every example is still seen each epoch.
+    """
+    n = permutation.shape[0]
+    padded = jnp.concatenate([permutation, permutation[: steps_per_epoch(n, batch_size) * batch_size - n]])
+    return jax.lax.dynamic_slice_in_dim(padded, position * batch_size, batch_size)
+
+
+def normalize(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+    """uint8 or [0, 1] float pixels -> zero-mean, unit-std channels."""
+    if images.dtype == jnp.uint8:
+        images = images.astype(jnp.float32) / 255.0
+    return (images - mean) / std
+
+
+def random_crop(key: jax.Array, images: jax.Array, padding: int) -> jax.Array:
+    """Zero-pad each side by `padding` and cut a random window of the original size per example."""
+    n, h, w, c = images.shape
+    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    offsets = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
+    crop = lambda img, off: jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
+    return jax.vmap(crop)(padded, offsets)
+
+
+def random_flip(key: jax.Array, images: jax.Array) -> jax.Array:
+    """Mirror each example left-right with probability 1/2."""
+    flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
+    return jnp.where(flip, images[:, :, ::-1], images)
+
+
+def blur(images: jax.Array, factor: int) -> jax.Array:
+    """Downsample by `factor` and back, bilinear with antialiasing (the paper's blurred inputs)."""
+    if factor <= 1:
+        return images
+    n, h, w, c = images.shape
+    small = jax.image.resize(images, (n, h // factor, w // factor, c), "bilinear", antialias=True)
+    return jax.image.resize(small, images.shape, "bilinear", antialias=True)
+
+
+def rotate_quarter_turns(images: jax.Array, turns: jax.Array) -> jax.Array:
+    """Rotate example i counter-clockwise by 90 * turns[i] degrees, exactly (square images)."""
+    if images.shape[1] != images.shape[2]:
+        raise ValueError(f"rotation needs square images, got {images.shape[1:3]}")
+    rotations = jnp.stack([jnp.rot90(images, k, axes=(1, 2)) for k in range(4)])
+    return rotations[turns % 4, jnp.arange(images.shape[0])]
+
+
+def train_batch(arrays: TrainArrays, prep: Preprocess, permutation: jax.Array, position,
+                batch_size: int, augment_key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One training batch: gather, rotate (if the task does), crop and flip, blur, normalise.
+
+    The order (rotate, then flip and crop, then blur, then normalise) is that of the paper's code.
+    """
+    idx = batch_indices(permutation, position, batch_size)
+    images = arrays.images[idx]
+    if arrays.quarter_turns is not None:
+        images = rotate_quarter_turns(images, arrays.quarter_turns[idx])
+    if prep.augment:
+        crop_key, flip_key = jax.random.split(augment_key)
+        images = random_flip(flip_key, random_crop(crop_key, images, prep.crop_padding))
+    if prep.blur_factor > 1:
+        images = blur(images.astype(jnp.float32) / 255.0, prep.blur_factor)
+    return normalize(images, arrays.mean, arrays.std), arrays.labels[idx]
+
+
+def fixed_random_labels(labels: np.ndarray, num_classes: int, fraction: float, seed: int) -> np.ndarray:
+    """Replace a seeded `fraction` of the labels with uniform random classes, fixed for the run."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.permutation(len(labels))[: round(fraction * len(labels))]
+    out = np.array(labels, np.int32)
+    out[chosen] = rng.integers(0, num_classes, len(chosen))
+    return out
+
+
+def fixed_quarter_turns(num_examples: int, seed: int) -> np.ndarray:
+    """One rotation class in {0,1,2,3} per example, drawn once (not redrawn per epoch)."""
+    return np.random.default_rng(seed).integers(0, 4, num_examples).astype(np.int32)

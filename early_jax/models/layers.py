@@ -1,0 +1,59 @@
+"""Layers with the paper's initialisation (open_lth defaults) shared by every model."""
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from early_jax.models.cpu_conv import flax_conv_fn
+
+# He/Kaiming normal, fan_in, gain sqrt(2), *untruncated* (`he_normal` would truncate).
+he_normal_untruncated = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def symmetric_uniform(limit: float):
+    """U(-limit, limit): PyTorch's default bias init with limit = 1/sqrt(fan_in)."""
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -limit, limit)
+    return init
+
+
+def uniform_01(key, shape, dtype=jnp.float32):
+    """BatchNorm scale ~ U[0, 1], the pre-1.2 PyTorch default that the paper's code keeps."""
+    return jax.random.uniform(key, shape, dtype)
+
+
+BN_SCALE_INITS = {"uniform": uniform_01, "ones": nn.initializers.ones}
+
+
+def batch_norm(train: bool, scale_init: str, dtype, name: str) -> nn.BatchNorm:
+    """PyTorch's BatchNorm defaults in Flax terms: running-average momentum 0.9, eps 1e-5."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                        scale_init=BN_SCALE_INITS[scale_init], name=name)
+
+
+def conv_impl():
+    """On CPU, convolutions with canonical-form gradients (see cpu_conv); elsewhere XLA's own."""
+    return flax_conv_fn if jax.default_backend() == "cpu" else None
+
+
+def conv(features: int, kernel: int, stride: int = 1, *, use_bias: bool = False, fan_in: int = 0,
+         dtype=jnp.float32, name: str) -> nn.Conv:
+    """A 'SAME'-padded NHWC conv; with a bias, the bias is U(+-1/sqrt(fan_in)) as in PyTorch."""
+    bias_init = symmetric_uniform(1 / math.sqrt(fan_in)) if use_bias else nn.initializers.zeros
+    return nn.Conv(features, (kernel, kernel), (stride, stride), padding="SAME", use_bias=use_bias,
+                   kernel_init=he_normal_untruncated, bias_init=bias_init, dtype=dtype, conv_general_dilated=conv_impl(),
+                   name=name)
+
+
+def head(x: jax.Array, num_classes: int, dtype) -> jax.Array:
+    """The output layer, always named 'head' so that an ignore list can name it."""
+    dense = nn.Dense(num_classes, kernel_init=he_normal_untruncated,
+                     bias_init=symmetric_uniform(1 / math.sqrt(x.shape[-1])), dtype=dtype, name="head")
+    return dense(x).astype(jnp.float32)
+
+
+global_average_pool = functools.partial(jnp.mean, axis=(1, 2))

@@ -1,0 +1,157 @@
+"""One training run in its own work dir: resumable, checkpointed at chosen steps, evaluated, logged.
+
+Layout of a run dir:
+  run.json         what the run is (kind, config, seeds, start and end step)
+  checkpoints/     full states at the requested steps and at the end (kept)
+  resume/          the latest state at an evaluation boundary (only the newest is kept)
+  metrics.jsonl    one line per evaluation: step, lr, train/test loss and accuracy per seed
+  result.json      final test loss/accuracy per seed; its presence marks the run complete
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable
+
+import numpy as np
+
+from early_jax import progress as prog
+from early_jax.checkpoint import Checkpoints
+from early_jax.config import to_steps
+from early_jax.errors import UserError
+from early_jax.train import Trainer, TrainState, current_step
+
+
+class RunDir:
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+        self._kept = self._resume = None
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def kept(self) -> Checkpoints:
+        if self._kept is None:
+            self._kept = Checkpoints(self.file("checkpoints"))
+        return self._kept
+
+    @property
+    def resume(self) -> Checkpoints:
+        if self._resume is None:
+            self._resume = Checkpoints(self.file("resume"), keep_latest=1)
+        return self._resume
+
+    def complete(self) -> bool:
+        return os.path.exists(self.file("result.json"))
+
+    def result(self) -> dict:
+        return prog.read_json(self.file("result.json"))
+
+    def check_identity(self, description: dict) -> None:
+        """A run dir belongs to one configuration; reusing it for another would mix results."""
+        path = self.file("run.json")
+        description = json.loads(json.dumps(description))  # tuples -> lists, as stored
+        if os.path.exists(path):
+            stored = prog.read_json(path)
+            if stored != description:
+                raise UserError(f"{self.path} holds a different run ({_difference(stored, description)}); "
+                                "use another --workdir or delete that folder")
+        else:
+            prog.write_json(path, description)
+
+    def latest_step(self) -> int | None:
+        steps = self.kept.steps() + self.resume.steps()
+        return max(steps) if steps else None
+
+    def restore(self, step: int, target: TrainState) -> TrainState:
+        store = self.kept if step in self.kept.steps() else self.resume
+        return store.restore(step, target)
+
+
+def _difference(a: dict, b: dict) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: stored {a.get(k)!r} vs now {b.get(k)!r}" for k in keys[:3])
+
+
+def evaluation_steps(trainer: Trainer, start: int, end: int) -> list[int]:
+    every = max(1, to_steps(trainer.config.train.eval_every, trainer.steps_per_epoch))
+    return [s for s in range(every * (start // every + 1), end, every)] + [end]
+
+
+def run(trainer: Trainer, run_dir: RunDir, *, description: dict, initial: Callable[[], TrainState],
+        end: int, save_steps=(), label: str = "train") -> tuple[TrainState, dict]:
+    """Train `initial()` to `end`, or resume, or just load the finished run.
+
+    The state at each of `save_steps` and at `end` is kept; metrics are logged at each evaluation.
+    """
+    run_dir.check_identity(description)
+    num_seeds = len(description["seeds"])
+    target = trainer.abstract_state(num_seeds)
+    if run_dir.complete():
+        return run_dir.restore(end, target), run_dir.result()
+    resume_step = run_dir.latest_step()
+    if resume_step is None:
+        states = initial()
+    else:
+        states = run_dir.restore(resume_step, target)
+        print(f"[{label}] resuming from step {resume_step} ({run_dir.path})", flush=True)
+    start = current_step(states)
+    _truncate_metrics(run_dir.file("metrics.jsonl"), start)
+    save_steps = {s for s in save_steps if start <= s <= end} | {end}
+    if start in save_steps:
+        run_dir.kept.save(start, states)
+    evals = set(evaluation_steps(trainer, start, end))
+    bar = prog.Progress(label, start, end)
+    window: list[dict] = []
+    t_start = time.time()
+
+    def on_chunk(step, metrics):
+        bar.update(step, f"loss {np.mean(metrics['loss']):.3f} acc {100 * np.mean(metrics['accuracy']):.1f}%")
+
+    for boundary in sorted(save_steps | evals):
+        if boundary <= start:
+            continue
+        states, metrics = trainer.advance(states, boundary, on_chunk)
+        window.append(metrics)
+        if boundary in save_steps:
+            run_dir.kept.save(boundary, states)
+        if boundary in evals:
+            line = _metrics_line(trainer, states, boundary, window, bar.rate(boundary))
+            window = []
+            if boundary not in save_steps:
+                run_dir.resume.save(boundary, states)
+            prog.append_jsonl(run_dir.file("metrics.jsonl"), line)
+            bar.update(boundary, f"test acc {100 * np.mean(line['test_accuracy']):.2f}%", force=True)
+    final = trainer.evaluate(states)
+    result = {"step": end, "seeds": description["seeds"], "wall_s": time.time() - t_start,
+              **{k: v.tolist() for k, v in final.items()}}
+    prog.write_json(run_dir.file("result.json"), result)
+    bar.done(f"done: test accuracy {_mean_std(final['test_accuracy'])}")
+    return states, result
+
+
+def _metrics_line(trainer, states, step, window, rate) -> dict:
+    train = {k: np.concatenate([w[k] for w in window]).mean(0) for k in window[0]} if window else {}
+    test = trainer.evaluate(states)
+    return {"step": step, "epoch": step / trainer.steps_per_epoch,
+            "lr": float(trainer.fns.schedule(step - 1)), "steps_per_s": rate,
+            **{f"train_{k}": v.tolist() for k, v in train.items()},
+            **{k: v.tolist() for k, v in test.items()}}
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """After a resume, drop log lines from beyond the restored step (they will be recomputed)."""
+    lines = [line for line in prog.read_jsonl(path) if line["step"] <= step]
+    if os.path.exists(path):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+        os.replace(tmp, path)
+
+
+def _mean_std(values) -> str:
+    values = 100 * np.asarray(values)
+    return f"{values.mean():.2f}% +- {values.std():.2f}" if len(values) > 1 else f"{values.mean():.2f}%"

@@ -1,0 +1,281 @@
+"""Training state, optimizer and schedule, and the compiled train/eval programs over a seed axis.
+
+The single-model step is written once; `Trainer` runs it for S seeds in one compiled program
+(`vmap`, or `lax.map` where vmap is slow), inside a `lax.scan` over steps, inside a `shard_map` that
+splits the seeds over the devices of a 1-D mesh. BatchNorm never sees another seed's batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from early_jax import masks, models, sharding
+from early_jax.config import Config, TrainConfig, to_steps
+from early_jax.data.device import (Preprocess, TrainArrays, epoch_permutation, normalize,
+                                   steps_per_epoch, train_batch)
+from early_jax.data.record import Dataset
+from early_jax.errors import UserError
+
+# Independent random streams: changing one (e.g. data order for instability) never shifts another.
+PURPOSES = ("init", "order", "augment", "perturb")
+STEPS_PER_CALL = 50  # steps per compiled call; shorter segments skip the rest at no cost
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array            # int32, the absolute iteration (drives the schedule and data order)
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    mask: Any                  # masks.prunable_mask layout; all True for a dense run
+    keys: dict                 # purpose -> raw uint32 key data (checkpointable)
+
+    def key(self, purpose: str) -> jax.Array:
+        return jax.random.wrap_key_data(self.keys[purpose])
+
+
+def seed_keys(seed) -> dict:
+    """Per-purpose keys of one seed, each `fold_in(key(seed), purpose index)`."""
+    root = jax.random.key(seed)
+    return {p: jax.random.key_data(jax.random.fold_in(root, i)) for i, p in enumerate(PURPOSES)}
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """Coupled L2 (added to the gradient, as torch.optim.SGD) then heavy-ball momentum.
+
+    The learning rate is applied by the step from the absolute step count, not from the optimizer's
+    own counter, so a fresh optimizer after rewinding to step k continues the same schedule.
+    """
+    return optax.chain(optax.add_decayed_weights(tc.weight_decay), optax.trace(decay=tc.momentum))
+
+
+def make_schedule(tc: TrainConfig, steps_per_epoch: int) -> Callable[[jax.Array], jax.Array]:
+    """step -> learning rate: x gamma at each milestone, optional linear warmup min(1, step/warmup)."""
+    milestones = jnp.array(sorted(to_steps(m, steps_per_epoch) for m in tc.milestones), jnp.int32)
+    warmup = to_steps(tc.warmup, steps_per_epoch)
+
+    def schedule(step):
+        step = jnp.asarray(step)
+        lr = tc.lr * jnp.power(tc.gamma, jnp.sum(step >= milestones))
+        return lr * jnp.minimum(1.0, step / warmup) if warmup else lr
+
+    return schedule
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+    """The single-model functions, closed over everything static."""
+
+    model: Any
+    tx: optax.GradientTransformation
+    schedule: Callable
+    prep: Preprocess
+    batch_size: int
+    steps_per_epoch: int
+
+    def loss_and_updates(self, params, batch_stats, x, y):
+        logits, updates = self.model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                           train=True, mutable=["batch_stats"])
+        loss = cross_entropy(logits, y).mean()
+        return loss, (logits, updates.get("batch_stats", {}))
+
+    def train_step(self, state: TrainState, permutation, arrays: TrainArrays, t):
+        """Forward, loss, gradient, mask the gradient, update, mask the parameters."""
+        x, y = train_batch(arrays, self.prep, permutation, t % self.steps_per_epoch, self.batch_size,
+                           jax.random.fold_in(state.key("augment"), t))
+        grad_fn = jax.value_and_grad(self.loss_and_updates, has_aux=True)
+        (loss, (logits, batch_stats)), grads = grad_fn(state.params, state.batch_stats, x, y)
+        grads = masks.apply_mask(grads, state.mask)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        lr = self.schedule(t)
+        params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
+        params = masks.apply_mask(params, state.mask)
+        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+                   "grad_norm": optax.global_norm(grads)}
+        new_state = state.replace(step=t + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        return new_state, metrics
+
+    def eval_sums(self, state: TrainState, x, y, weight, mean, std):
+        """(sum of weighted loss, sum of weighted correct) over one padded test batch."""
+        logits = self.model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                                  normalize(x, mean, std), train=False)
+        loss = cross_entropy(logits, y)
+        correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+        return jnp.stack([jnp.sum(weight * loss), jnp.sum(weight * correct)])
+
+
+def resolve_seed_parallel(choice: str) -> str:
+    """CPU convolutions under vmap become slow grouped convolutions, so seeds run one after another
+    there; accelerators batch them."""
+    if choice != "auto":
+        return choice
+    return "map" if jax.default_backend() == "cpu" else "vmap"
+
+
+def over_seeds(fn: Callable, parallel: str, num_mapped: int) -> Callable:
+    """Run `fn(*mapped, *shared)` for every seed: the first `num_mapped` args carry the seed axis."""
+    if parallel == "vmap":
+        return lambda *args: jax.vmap(fn, in_axes=(0,) * num_mapped + (None,) * (len(args) - num_mapped))(*args)
+
+    def sequential(*args):
+        mapped, shared = args[:num_mapped], args[num_mapped:]
+        return jax.lax.map(lambda m: fn(*m, *shared), mapped)
+    return sequential
+
+
+class Trainer:
+    """Compiled training and evaluation of S seeds of one model on one dataset.
+
+    `arrays`/`prep`/`num_classes` default to the dataset's supervised task; pre-training tasks pass
+    their own (random labels, rotation classes, blur).
+    """
+
+    def __init__(self, config: Config, dataset: Dataset, *, arrays: TrainArrays | None = None,
+                 prep: Preprocess | None = None, num_classes: int | None = None, mesh=None):
+        self.config = config
+        self.dataset = dataset
+        tc = config.train
+        self.mesh = mesh if mesh is not None else sharding.seed_mesh()
+        self.model = models.create(config.model.name, num_classes or dataset.num_classes,
+                                   bn_scale_init=config.model.bn_scale_init,
+                                   dtype=config.model.compute_dtype)
+        self.steps_per_epoch = steps_per_epoch(len(dataset.x_train), tc.batch_size)
+        self.total_steps = to_steps(tc.duration, self.steps_per_epoch)
+        self.tx = make_optimizer(tc)
+        self.parallel = resolve_seed_parallel(tc.seed_parallel)
+        self.fns = StepFns(self.model, self.tx, make_schedule(tc, self.steps_per_epoch),
+                           prep or Preprocess(augment=config.data.augment), tc.batch_size,
+                           self.steps_per_epoch)
+        arrays = arrays or TrainArrays(dataset.x_train, dataset.y_train, dataset.mean, dataset.std)
+        self.arrays = sharding.put_replicated(arrays, self.mesh)
+        self.test = sharding.put_replicated(_padded_test_batches(dataset, tc.eval_batch_size), self.mesh)
+        self._advance = self._compile_advance()
+        self._evaluate = self._compile_evaluate()
+
+    # ----- state -----
+    def init_one(self, seed) -> TrainState:
+        keys = seed_keys(seed)
+        variables = models.init_variables(self.model, jax.random.wrap_key_data(keys["init"]),
+                                          self.dataset.image_shape)
+        params = variables["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          batch_stats=variables["batch_stats"], opt_state=self.tx.init(params),
+                          mask=masks.prunable_mask(params, self.config.prune.ignore), keys=keys)
+
+    def init(self, seeds) -> TrainState:
+        """States for the given seeds, stacked on a leading axis sharded over the devices."""
+        seeds = np.asarray(seeds, np.int32)
+        sharding.check_seed_count(len(seeds), self.mesh)
+        init = jax.jit(jax.vmap(self.init_one), out_shardings=sharding.seed_sharding(self.mesh))
+        return init(seeds)
+
+    def abstract_state(self, num_seeds: int) -> TrainState:
+        """Shapes, dtypes and shardings of an S-seed state, for restoring checkpoints."""
+        shape = jax.eval_shape(jax.vmap(self.init_one), jnp.zeros(num_seeds, jnp.int32))
+        seed_sharding = sharding.seed_sharding(self.mesh)
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=seed_sharding), shape)
+
+    def fresh_optimizer(self, states: TrainState) -> TrainState:
+        """Momentum buffers back to zero (rewinding starts a new optimizer)."""
+        return states.replace(opt_state=jax.jit(jax.vmap(self.tx.init))(states.params))
+
+    # ----- compiled programs -----
+    def _compile_advance(self):
+        fns, spe, n = self.fns, self.steps_per_epoch, len(self.dataset.x_train)
+        seeds_step = over_seeds(fns.train_step, self.parallel, 2)
+
+        def advance(states, arrays, start, end):
+            order_keys = jax.vmap(lambda k: jax.random.wrap_key_data(k))(states.keys["order"])
+            permute = lambda epoch: jax.vmap(lambda k: epoch_permutation(k, epoch, n))(order_keys)
+            metric_shape = jax.eval_shape(seeds_step, states, permute(0), arrays, start)[1]
+
+            def body(carry, i):
+                states, perms = carry
+                t = start + i
+                active = t < end
+                perms = jax.lax.cond(active & (t % spe == 0) & (i > 0), lambda: permute(t // spe),
+                                     lambda: perms)
+                skip = lambda s: (s, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metric_shape))
+                states, metrics = jax.lax.cond(active, lambda s: seeds_step(s, perms, arrays, t), skip,
+                                               states)
+                return (states, perms), metrics
+
+            (states, _), metrics = jax.lax.scan(body, (states, permute(start // spe)),
+                                                jnp.arange(STEPS_PER_CALL))
+            return states, metrics
+
+        seeds, rep = P(sharding.SEED_AXIS), P()
+        sharded = jax.shard_map(advance, mesh=self.mesh, in_specs=(seeds, rep, rep, rep),
+                                out_specs=(seeds, P(None, sharding.SEED_AXIS)), check_vma=False)
+        return jax.jit(sharded, donate_argnums=0)
+
+    def _compile_evaluate(self):
+        fns = self.fns
+
+        def one_seed(state, test):
+            def body(total, batch):
+                return total + fns.eval_sums(state, *batch, test["mean"], test["std"]), None
+            total, _ = jax.lax.scan(body, jnp.zeros(2), (test["x"], test["y"], test["w"]))
+            return total / test["count"]
+
+        over = over_seeds(one_seed, self.parallel, 1)
+        seeds, rep = P(sharding.SEED_AXIS), P()
+        return jax.jit(jax.shard_map(over, mesh=self.mesh, in_specs=(seeds, rep), out_specs=seeds,
+                                     check_vma=False))
+
+    # ----- host-facing -----
+    def advance(self, states: TrainState, end: int, on_chunk: Callable | None = None
+                ) -> tuple[TrainState, dict]:
+        """Train from the states' step to `end`; returns states and per-step metrics {name: [T, S]}.
+
+        `on_chunk(step, metrics)` is called after each compiled call (for progress lines).
+        """
+        start = current_step(states)
+        if end > self.total_steps:
+            raise UserError(f"cannot train to step {end}: the run ends at step {self.total_steps}")
+        collected = []
+        while start < end:
+            states, metrics = self._advance(states, self.arrays, jnp.int32(start), jnp.int32(end))
+            count = min(STEPS_PER_CALL, end - start)
+            collected.append(jax.tree.map(lambda m: np.asarray(m)[:count], metrics))
+            start += count
+            if on_chunk:
+                on_chunk(start, collected[-1])
+        if not collected:
+            return states, {}
+        return states, jax.tree.map(lambda *ms: np.concatenate(ms), *collected)
+
+    def evaluate(self, states: TrainState) -> dict[str, np.ndarray]:
+        """Test loss and accuracy per seed, with the running BatchNorm statistics."""
+        out = np.asarray(self._evaluate(states, self.test))
+        return {"test_loss": out[:, 0], "test_accuracy": out[:, 1]}
+
+
+def current_step(states: TrainState) -> int:
+    """The step all seeds are at (they always advance together)."""
+    return int(np.asarray(jax.device_get(states.step)).reshape(-1)[0])
+
+
+def _padded_test_batches(dataset: Dataset, batch_size: int) -> dict:
+    """Test images as [num_batches, B, ...] with zero-weight padding, for one scan over the set."""
+    n = len(dataset.x_test)
+    batch_size = min(batch_size, n)
+    num_batches = -(-n // batch_size)
+    pad = num_batches * batch_size - n
+    x = np.concatenate([dataset.x_test, np.zeros((pad, *dataset.image_shape), np.uint8)])
+    y = np.concatenate([dataset.y_test, np.zeros(pad, np.int32)])
+    w = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    shape = lambda a: a.reshape(num_batches, batch_size, *a.shape[1:])
+    return {"x": shape(x), "y": shape(y), "w": shape(w), "count": np.float32(n),
+            "mean": dataset.mean, "std": dataset.std}
