@@ -5,6 +5,7 @@ saving leaves the previous checkpoints intact and the half-written one is ignore
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import flax.serialization
@@ -15,27 +16,42 @@ from early_jax.errors import UserError
 
 
 class Checkpoints:
-    """The checkpoints of one run in one folder: save at steps, list, restore into a target."""
+    """The checkpoints of one run in one folder: save at steps, list, restore into a target.
+
+    Each operation opens and closes its own Orbax manager, so the view of the folder is never stale
+    (another handle or process may have saved since) and no background machinery outlives a call.
+    """
 
     def __init__(self, directory: str, keep_latest: int | None = None):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True,
+        self.keep_latest = keep_latest
+
+    @contextlib.contextmanager
+    def _manager(self):
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.keep_latest, create=True,
                                                enable_async_checkpointing=False,
                                                cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        manager = ocp.CheckpointManager(self.directory, options=options)
+        try:
+            yield manager
+        finally:
+            manager.close()
 
     def steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+        if not os.path.isdir(self.directory):
+            return []
+        with self._manager() as manager:
+            return sorted(manager.all_steps())
 
     def latest(self) -> int | None:
         steps = self.steps()
         return steps[-1] if steps else None
 
     def save(self, step: int, state) -> None:
-        if step in self.steps():
-            return
-        self._manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
-        self._manager.wait_until_finished()
+        with self._manager() as manager:
+            if step not in manager.all_steps():
+                manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+                manager.wait_until_finished()
 
     def restore(self, step: int, target):
         """Restore `step` into the structure, shapes and shardings of `target` (arrays or abstract).
@@ -48,15 +64,13 @@ class Checkpoints:
                             f"(saved steps: {self.steps() or 'none'})")
         abstract = jax.tree.map(_abstract, flax.serialization.to_state_dict(target))
         try:
-            restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            with self._manager() as manager:
+                restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as err:  # Orbax raises many types; the user needs the path and the cause
             raise UserError(f"checkpoint {path} (step {step}) cannot be restored into this run: "
                             f"{_first_line(err)}. It was written by a different configuration or is "
                             "corrupt; use another --workdir or delete that folder to recompute it") from err
         return flax.serialization.from_state_dict(target, restored)
-
-    def close(self) -> None:
-        self._manager.close()
 
 
 def _abstract(x):

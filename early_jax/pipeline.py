@@ -5,9 +5,13 @@ import dataclasses
 import os
 import re
 
+import jax
+import jax.numpy as jnp
+
 from early_jax import config as cfg
+from early_jax import masks
 from early_jax.config import Config, to_steps
-from early_jax.data.record import Dataset
+from early_jax.errors import UserError
 from early_jax.runner import RunDir, run
 from early_jax.train import Trainer, TrainState
 
@@ -42,13 +46,108 @@ def save_steps(trainer: Trainer) -> list[int]:
     return sorted({s for s in steps if s <= trainer.total_steps})
 
 
+def dense_run_dir(trainer: Trainer) -> RunDir:
+    return RunDir(dense_dir(trainer.config))
+
+
+def check_rewind_steps(trainer: Trainer, steps) -> None:
+    """Refuse rewind steps the run cannot provide, before any training."""
+    for step in steps:
+        if not 0 <= step < trainer.total_steps:
+            raise UserError(f"rewind step {step} is outside the run: training has "
+                            f"{trainer.total_steps} steps ({trainer.steps_per_epoch} per epoch)")
+    grid = save_steps(trainer)
+    if grid and min(grid) > min(steps):
+        raise UserError(f"rewind step {min(steps)} precedes the first saved step {min(grid)}; "
+                        "add it to --save_steps")
+
+
 def train_dense(trainer: Trainer) -> tuple[TrainState, dict, RunDir]:
     """Train (or resume, or load) the dense network of every seed, keeping the early checkpoints."""
     config = trainer.config
-    run_dir = RunDir(dense_dir(config))
+    run_dir = dense_run_dir(trainer)
     description = {"kind": "dense", **dense_identity(config), "seeds": seeds_of(config),
                    "end": trainer.total_steps}
     states, result = run(trainer, run_dir, description=description,
                          initial=lambda: trainer.init(seeds_of(config)), end=trainer.total_steps,
                          save_steps=save_steps(trainer), label="dense")
     return states, result, run_dir
+
+
+# ----- rewinding -----
+def state_at(trainer: Trainer, dense: RunDir, step: int) -> TrainState:
+    """The dense states of every seed at `step`: a kept checkpoint, or replayed from the nearest
+    earlier one (training is deterministic, so the replay equals what the run saw)."""
+    if not 0 <= step <= trainer.total_steps:
+        raise UserError(f"rewind step {step} lies outside the run (0..{trainer.total_steps} steps)")
+    saved = [s for s in dense.kept.steps() if s <= step]
+    if not saved:
+        raise UserError(f"no dense checkpoint at or before step {step} in {dense.path}; "
+                        "add it to --save_steps and rerun the dense training")
+    states = dense.restore(saved[-1], trainer.abstract_state(len(seeds_of(trainer.config))))
+    return trainer.advance(states, step)[0] if saved[-1] < step else states
+
+
+def rewind(trainer: Trainer, states_k: TrainState, mask) -> TrainState:
+    """Params and BatchNorm statistics of step k, masked; a fresh optimizer; the schedule goes on
+    from step k because it reads the state's step."""
+    params = jax.jit(jax.vmap(masks.apply_mask))(states_k.params, mask)
+    fresh = trainer.fresh_optimizer(states_k.replace(params=params, mask=mask))
+    return jax.tree.map(jnp.copy, fresh)  # training donates its input; states_k serves more levels
+
+
+def prune_next(trainer: Trainer, states: TrainState):
+    """Each seed prunes its own network: `fraction` of its remaining weights by magnitude."""
+    prune = trainer.config.prune
+    fn = lambda p, m: masks.magnitude_prune(p, m, prune.fraction, prune.scope)
+    return jax.jit(jax.vmap(fn))(states.params, states.mask)
+
+
+# ----- iterative magnitude pruning -----
+def imp_dir(trainer: Trainer, dense: RunDir) -> str:
+    prune = trainer.config.prune
+    return os.path.join(dense.path, f"imp_{prune.scope}_f{prune.fraction:g}")
+
+
+def level_dir(trainer: Trainer, dense: RunDir, rewind_step: int, level: int) -> RunDir:
+    return RunDir(os.path.join(imp_dir(trainer, dense), f"rewind{rewind_step}", f"level{level}"))
+
+
+def densities(states: TrainState) -> list[float]:
+    return [float(d) for d in jax.vmap(masks.density)(states.mask)]
+
+
+def imp(trainer: Trainer, rewind_steps, levels: int) -> list[dict]:
+    """IMP with rewinding for every rewind step, reusing the dense run and every finished level.
+
+    Level 0 is the dense run itself (training from step k reproduces it). Level L prunes the final
+    weights of level L-1, rewinds the survivors to step k and retrains to the end.
+    Returns one row per (rewind step, level, seed).
+    """
+    dense_states, dense_result, dense = train_dense(trainer)
+    rows = _rows(rewind_steps, 0, dense_states, dense_result)
+    for k in rewind_steps:
+        previous = dense_states
+        state_k = None
+        for level in range(1, levels + 1):
+            run_dir = level_dir(trainer, dense, k, level)
+            description = {"kind": "imp_level", "dense": os.path.basename(dense.path), "rewind": k,
+                           "level": level, "prune": dataclasses.asdict(trainer.config.prune) |
+                           {"levels": None, "rewind_iters": None}, "seeds": seeds_of(trainer.config)}
+
+            def initial(previous=previous):
+                nonlocal state_k
+                state_k = state_k if state_k is not None else state_at(trainer, dense, k)
+                return rewind(trainer, state_k, prune_next(trainer, previous))
+
+            previous, result = run(trainer, run_dir, description=description, initial=initial,
+                                   end=trainer.total_steps, label=f"imp k={k} level {level}")
+            rows += _rows([k], level, previous, result)
+    return rows
+
+
+def _rows(rewind_steps, level, states, result) -> list[dict]:
+    return [{"seed": seed, "rewind": k, "level": level, "density": density, "accuracy": accuracy}
+            for k in rewind_steps
+            for seed, density, accuracy in zip(result["seeds"], densities(states),
+                                                result["test_accuracy"])]

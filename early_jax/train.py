@@ -102,7 +102,7 @@ class StepFns:
         params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
         params = masks.apply_mask(params, state.mask)
         metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-                   "grad_norm": optax.global_norm(grads)}
+                   "grad_norm": optax.tree.norm(grads)}
         new_state = state.replace(step=t + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
         return new_state, metrics
 
@@ -238,6 +238,8 @@ class Trainer:
     def advance(self, states: TrainState, end: int, on_chunk: Callable | None = None
                 ) -> tuple[TrainState, dict]:
         """Train from the states' step to `end`; returns states and per-step metrics {name: [T, S]}.
+
+        The input states are consumed (their buffers are donated to the result).
 
         `on_chunk(step, metrics)` is called after each compiled call (for progress lines).
         """

@@ -45,9 +45,9 @@ def create(name: str, num_classes: int = 10, *, bn_scale_init: str = "uniform",
     if name == "lenet300_100":
         return LeNet300100(**common)
     if name == "convnet_small":
-        return SmallConvNet((16, 32, 64), **norm)
+        return SmallConvNet((16, 32), 128, **norm)
     if name == "convnet_tiny":
-        return SmallConvNet((8, 16), **norm)
+        return SmallConvNet((4, 8), 16, **norm)
     raise UserError(f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)}")
 
 

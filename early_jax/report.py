@@ -1,0 +1,80 @@
+"""Tables and matplotlib figures that mirror the paper's (written from results, no training)."""
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def write_csv(rows: list[dict], path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fields = list(rows[0]) if rows else []
+    with open(path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def summarize(rows: list[dict], group: str, x: str = "density", y: str = "accuracy") -> dict:
+    """{group value: [(mean x, mean y, std y, n)] sorted by x descending}, over seeds."""
+    cells = defaultdict(list)
+    for row in rows:
+        cells[(row[group], row["level"])].append((row[x], row[y]))
+    out = defaultdict(list)
+    for (g, _), values in cells.items():
+        xs, ys = np.array(values).T
+        out[g].append((xs.mean(), ys.mean(), ys.std(), len(ys)))
+    return {g: sorted(v, key=lambda t: -t[0]) for g, v in out.items()}
+
+
+def plot_accuracy_vs_remaining(rows: list[dict], group: str, path: str, title: str,
+                               label=lambda g: str(g), dense: list[float] | None = None) -> str:
+    """Test accuracy vs percent of weights remaining (log x), one curve per group, mean +- std
+    over seeds, the dense network's accuracy as a band (the paper's Fig. 1 style)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if dense:
+        mean, std = 100 * np.mean(dense), 100 * np.std(dense)
+        ax.axhspan(mean - max(std, 0.05), mean + max(std, 0.05), color="0.85", label="dense")
+    for g, points in summarize(rows, group).items():
+        x = 100 * np.array([p[0] for p in points])
+        y, s = 100 * np.array([p[1] for p in points]), 100 * np.array([p[2] for p in points])
+        line, = ax.plot(x, y, marker="o", ms=3, label=label(g))
+        ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.2)
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("percent of weights remaining")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,102 @@
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from early_jax import masks, pipeline
+from early_jax.errors import UserError
+from early_jax.train import Trainer, current_step
+from helpers import TINY_DATA, tiny_config, with_workdir
+
+REWINDS = [0, 3]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A 2-level, 2-rewind-point, 2-seed IMP study on tiny data, run once for the module."""
+    trainer = Trainer(with_workdir(tiny_config(), tmp_path_factory.mktemp("imp")), TINY_DATA)
+    return trainer, pipeline.imp(trainer, REWINDS, levels=2)
+
+
+def test_study_has_every_row_with_nested_densities(study):
+    trainer, rows = study
+    assert len(rows) == 2 * 3 * 2
+    for row in rows:
+        assert row["density"] == pytest.approx(0.8 ** row["level"], abs=0.01)
+        assert 0 <= row["accuracy"] <= 1
+    dense = {(r["seed"]) : r["accuracy"] for r in rows if r["level"] == 0}
+    assert len(dense) == 2
+
+
+def test_rewinding_restores_step_k_exactly_with_a_fresh_optimizer(study):
+    trainer, _ = study
+    dense = pipeline.dense_run_dir(trainer)
+    state_3 = pipeline.state_at(trainer, dense, 3)
+    assert current_step(state_3) == 3
+    mask = pipeline.prune_next(trainer, state_3)
+    rewound = pipeline.rewind(trainer, state_3, mask)
+    np.testing.assert_array_equal(np.asarray(rewound.step), [3, 3])
+    for a, b in zip(jax.tree.leaves(rewound.batch_stats), jax.tree.leaves(state_3.batch_stats)):
+        np.testing.assert_array_equal(a, b)
+    masked = jax.vmap(masks.apply_mask)(state_3.params, mask)
+    for a, b in zip(jax.tree.leaves(rewound.params), jax.tree.leaves(masked)):
+        np.testing.assert_array_equal(a, b)
+    assert all(float(np.abs(t).max()) == 0.0 for t in jax.tree.leaves(rewound.opt_state))
+    assert any(float(np.abs(t).max()) > 0 for t in jax.tree.leaves(state_3.opt_state))
+
+
+def test_a_step_missing_from_the_grid_is_replayed_exactly(study):
+    trainer, _ = study
+    dense = pipeline.dense_run_dir(trainer)
+    assert 4 not in dense.kept.steps()
+    replayed = pipeline.state_at(trainer, dense, 4)
+    direct = trainer.advance(pipeline.state_at(trainer, dense, 3), 4)[0]
+    for a, b in zip(jax.tree.leaves(replayed), jax.tree.leaves(direct)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_level_one_trains_from_the_rewound_dense_state(study):
+    trainer, _ = study
+    dense = pipeline.dense_run_dir(trainer)
+    level1 = pipeline.level_dir(trainer, dense, 3, 1)
+    final = level1.restore(trainer.total_steps, trainer.abstract_state(2))
+    expected_mask = pipeline.prune_next(trainer, pipeline.state_at(trainer, dense, trainer.total_steps))
+    for a, b in zip(jax.tree.leaves(final.mask), jax.tree.leaves(expected_mask)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_rerun_reuses_the_dense_run_and_every_level(study, monkeypatch):
+    trainer, rows = study
+    monkeypatch.setattr(trainer, "advance", lambda *a, **k: pytest.fail("nothing may be retrained"))
+    assert pipeline.imp(trainer, REWINDS, levels=2) == rows
+
+
+def test_resume_after_a_kill_recomputes_only_the_unfinished_level(tmp_path):
+    trainer = Trainer(with_workdir(tiny_config(), tmp_path), TINY_DATA)
+    real_advance = trainer.advance
+
+    def dies_midway_through_level_two(states, end, on_chunk=None):
+        if pipeline.densities(states)[0] < 0.7 and current_step(states) >= 12:
+            raise KeyboardInterrupt
+        return real_advance(states, end, on_chunk)
+
+    trainer.advance = dies_midway_through_level_two
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.imp(trainer, [3], levels=2)
+    dense = pipeline.dense_run_dir(trainer)
+    level1, level2 = (pipeline.level_dir(trainer, dense, 3, level) for level in (1, 2))
+    assert dense.complete() and level1.complete() and not level2.complete()
+    stamp = os.path.getmtime(level1.file("result.json"))
+    starts = []
+    trainer.advance = lambda s, e, c=None: starts.append(current_step(s)) or real_advance(s, e, c)
+    rows = pipeline.imp(trainer, [3], levels=2)
+    assert os.path.getmtime(level1.file("result.json")) == stamp
+    assert starts[0] == 12  # level 2 went on from its last checkpoint; nothing before it reran
+    assert len(rows) == 3 * 2 and level2.complete()
+
+
+def test_rewind_steps_outside_the_run_are_refused_before_training(study):
+    trainer, _ = study
+    with pytest.raises(UserError, match="outside the run"):
+        pipeline.check_rewind_steps(trainer, [0, 500])

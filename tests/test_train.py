@@ -1,0 +1,192 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from early_jax import masks, runner, sharding
+from early_jax.checkpoint import Checkpoints
+from early_jax.config import TrainConfig
+from early_jax.errors import UserError
+from early_jax.train import Trainer, current_step, make_schedule
+from helpers import TINY_DATA, tiny_config
+
+
+def assert_trees_equal(a, b, atol=0.0):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    return Trainer(tiny_config(), TINY_DATA)
+
+
+def test_schedule_is_a_function_of_the_absolute_step():
+    sched = make_schedule(TrainConfig(lr=0.1, milestones=("80ep", "120ep")), 391)
+    assert float(sched(0)) == pytest.approx(0.1)
+    assert float(sched(31_279)) == pytest.approx(0.1)
+    assert float(sched(31_280)) == pytest.approx(0.01)
+    assert float(sched(46_920)) == pytest.approx(0.001)
+    warm = make_schedule(TrainConfig(lr=0.2, milestones=("10it",), warmup="4it"), 5)
+    assert [round(float(warm(s)), 6) for s in (0, 1, 2, 4, 9, 10)] == [0.0, 0.05, 0.1, 0.2, 0.2, 0.02]
+
+
+def test_rewound_run_continues_the_schedule(trainer):
+    """A run started at step k sees the learning rates of steps k, k+1, ... of the full run."""
+    lr = [float(trainer.fns.schedule(t)) for t in range(trainer.total_steps)]
+    assert lr[11] == pytest.approx(0.05) and lr[12] == pytest.approx(0.005)
+
+
+def test_seed_i_of_a_multi_seed_run_equals_its_single_seed_run(trainer):
+    both, metrics = trainer.advance(trainer.init([0, 1]), 9)
+    alone, alone_metrics = trainer.advance(trainer.init([1]), 9)
+    assert_trees_equal(jax.tree.map(lambda x: x[1:], both.params), alone.params, atol=1e-5)
+    np.testing.assert_allclose(metrics["loss"][:, 1], alone_metrics["loss"][:, 0], atol=1e-5)
+    assert not np.allclose(metrics["loss"][:, 0], metrics["loss"][:, 1])  # seeds really differ
+
+
+def test_vmap_and_sequential_seeds_give_the_same_numbers(trainer):
+    assert trainer.parallel == "map"  # the CPU default
+    other = Trainer(tiny_config(seed_parallel="vmap"), TINY_DATA)
+    a, _ = trainer.advance(trainer.init([0, 1]), 7)
+    b, _ = other.advance(other.init([0, 1]), 7)
+    assert_trees_equal(a.params, b.params, atol=1e-5)
+
+
+def test_training_splits_anywhere_with_the_same_data_order(trainer):
+    """Steps a->b then b->c equal a->c: data order and augmentation depend only on the step."""
+    whole, _ = trainer.advance(trainer.init([0, 1]), 13)
+    part, _ = trainer.advance(trainer.init([0, 1]), 5)
+    part, _ = trainer.advance(part, 13)
+    assert current_step(part) == 13
+    assert_trees_equal(whole, part)
+
+
+def test_pruned_weights_stay_exactly_zero_and_training_learns(trainer):
+    states = trainer.init([0, 1])
+    pruned = jax.vmap(lambda p, m: masks.magnitude_prune(p, m, 0.7))(states.params, states.mask)
+    states = states.replace(mask=pruned, params=jax.vmap(masks.apply_mask)(states.params, pruned))
+    before = trainer.evaluate(states)["test_loss"]
+    states, _ = trainer.advance(states, trainer.total_steps)
+    for kernel, kept in masks.masked_kernels(states.params, states.mask).values():
+        kernel, kept = np.asarray(kernel), np.asarray(kept)
+        assert np.all(kernel[~kept] == 0.0) and np.all(kernel[kept] != 0.0)
+    assert np.all(trainer.evaluate(states)["test_loss"] < before)
+
+
+def test_checkpoint_round_trip_of_the_full_state(trainer, tmp_path):
+    states, _ = trainer.advance(trainer.init([0, 1]), 4)
+    store = Checkpoints(str(tmp_path / "ck"))
+    store.save(4, states)
+    restored = store.restore(4, trainer.abstract_state(2))
+    assert_trees_equal(states, restored)
+    assert current_step(restored) == 4 and restored.opt_state[1].trace  # momentum buffers came back
+
+
+def test_mismatched_checkpoint_names_the_folder_and_step(trainer, tmp_path):
+    store = Checkpoints(str(tmp_path / "ck"))
+    store.save(0, trainer.init([0, 1]))
+    with pytest.raises(UserError, match=r"ck/0 \(step 0\)"):
+        store.restore(0, trainer.abstract_state(4))
+    other = Trainer(tiny_config(model="lenet300_100"), TINY_DATA)
+    with pytest.raises(UserError, match="different configuration or is corrupt"):
+        store.restore(0, other.abstract_state(2))
+    with pytest.raises(UserError, match="no checkpoint for step 7"):
+        store.restore(7, trainer.abstract_state(2))
+
+
+def test_corrupt_checkpoint_is_a_clear_error(trainer, tmp_path):
+    store = Checkpoints(str(tmp_path / "ck"))
+    store.save(3, trainer.advance(trainer.init([0, 1]), 3)[0])
+    for root, _, files in os.walk(tmp_path / "ck" / "3"):
+        for name in files:
+            if "manifest" in name or name.startswith(("_", "d")):
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"garbage")
+    with pytest.raises(UserError, match="step 3"):
+        Checkpoints(str(tmp_path / "ck")).restore(3, trainer.abstract_state(2))
+
+
+def test_training_past_the_end_is_refused(trainer):
+    with pytest.raises(UserError, match="ends at step 24"):
+        trainer.advance(trainer.init([0, 1]), 25)
+
+
+def test_seed_count_must_divide_over_devices():
+    mesh = sharding.seed_mesh(np.array(jax.devices() * 3))  # pretend 3 devices
+    with pytest.raises(UserError, match="not a multiple of the 3 devices"):
+        sharding.check_seed_count(4, mesh)
+
+
+def test_kill_and_resume_gives_the_uninterrupted_result(trainer, tmp_path):
+    description = {"kind": "test", "seeds": [0, 1]}
+    end = trainer.total_steps
+    whole, result = runner.run(trainer, runner.RunDir(str(tmp_path / "a")), description=description,
+                               initial=lambda: trainer.init([0, 1]), end=end, save_steps=[3])
+
+    class Killed(Exception):
+        pass
+
+    def killed_after(step):
+        def on_boundary(s, _):
+            if s > step:
+                raise Killed
+        return on_boundary
+
+    run_dir = runner.RunDir(str(tmp_path / "b"))
+    real_advance = trainer.advance
+    try:
+        trainer.advance = lambda states, stop, on_chunk=None: real_advance(states, stop, killed_after(14))
+        with pytest.raises(Killed):
+            runner.run(trainer, run_dir, description=description, initial=lambda: trainer.init([0, 1]),
+                       end=end, save_steps=[3])
+    finally:
+        trainer.advance = real_advance
+    assert run_dir.latest_step() == 12 and not run_dir.complete()
+    resumed, resumed_result = runner.run(trainer, runner.RunDir(str(tmp_path / "b")),
+                                         description=description,
+                                         initial=lambda: pytest.fail("must resume, not restart"),
+                                         end=end, save_steps=[3])
+    assert_trees_equal(whole, resumed)
+    assert resumed_result["test_accuracy"] == result["test_accuracy"]
+    lines = [l["step"] for l in runner.prog.read_jsonl(os.path.join(run_dir.path, "metrics.jsonl"))]
+    assert lines == [12, 24]
+    # a finished run is loaded, not retrained
+    again, _ = runner.run(trainer, run_dir, description=description,
+                          initial=lambda: pytest.fail("must load"), end=end, save_steps=[3])
+    assert_trees_equal(whole, again)
+    with pytest.raises(UserError, match="holds a different run"):
+        runner.run(trainer, run_dir, description={"kind": "other", "seeds": [0, 1]},
+                   initial=lambda: None, end=end)
+
+
+FOUR_DEVICES = textwrap.dedent("""
+    import sys, numpy as np, jax
+    sys.path.insert(0, sys.argv[1])
+    from helpers import TINY_DATA, tiny_config
+    from early_jax import sharding
+    from early_jax.train import Trainer
+    assert len(jax.devices()) == 4
+    out = []
+    for devices in (jax.devices(), jax.devices()[:1]):
+        tr = Trainer(tiny_config(), TINY_DATA, mesh=sharding.seed_mesh(devices))
+        states, _ = tr.advance(tr.init([0, 1, 2, 3]), 8)
+        assert len(states.params['head']['kernel'].sharding.device_set) == len(devices)
+        out.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(states.params)]))
+        out.append(tr.evaluate(states)['test_accuracy'])
+    np.testing.assert_allclose(out[0], out[2], atol=1e-5)
+    np.testing.assert_allclose(out[1], out[3], atol=1e-6)
+    print("OK")
+""")
+
+
+def test_four_device_run_equals_one_device_run():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES, os.path.dirname(__file__)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
