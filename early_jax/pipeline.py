@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -113,41 +114,58 @@ def level_dir(trainer: Trainer, dense: RunDir, rewind_step: int, level: int) -> 
     return RunDir(os.path.join(imp_dir(trainer, dense), f"rewind{rewind_step}", f"level{level}"))
 
 
-def densities(states: TrainState) -> list[float]:
-    return [float(d) for d in jax.vmap(masks.density)(states.mask)]
+def mask_densities(mask) -> list[float]:
+    """Fraction of prunable weights kept, per seed of a seed-stacked mask."""
+    return [float(d) for d in jax.vmap(masks.density)(mask)]
+
+
+def imp_chain(trainer: Trainer, root: str, rewind_point: Callable[[], TrainState],
+              level0: TrainState, levels: int, identity: dict, label: str) -> list[tuple]:
+    """Levels 1..N of IMP: level L prunes the final weights of level L-1 (level 0: `level0`),
+    rewinds the survivors to `rewind_point()` and retrains to the end; finished levels are loaded.
+
+    Returns [(level, mask, result)] for levels 1..N; `rewind_point` is only called if some level
+    still has to train.
+    """
+    cache = []
+
+    def point() -> TrainState:
+        if not cache:
+            cache.append(rewind_point())
+        return cache[0]
+
+    previous, out = level0, []
+    prune = dataclasses.asdict(trainer.config.prune) | {"levels": None, "rewind_iters": None}
+    for level in range(1, levels + 1):
+        description = {"kind": "imp_level", **identity, "level": level, "prune": prune,
+                       "seeds": seeds_of(trainer.config)}
+        initial = lambda previous=previous: rewind(trainer, point(), prune_next(trainer, previous))
+        previous, result = run(trainer, RunDir(os.path.join(root, f"level{level}")),
+                               description=description, initial=initial, end=trainer.total_steps,
+                               label=f"{label} level {level}")
+        out.append((level, previous.mask, result))
+    return out
 
 
 def imp(trainer: Trainer, rewind_steps, levels: int) -> list[dict]:
     """IMP with rewinding for every rewind step, reusing the dense run and every finished level.
 
-    Level 0 is the dense run itself (training from step k reproduces it). Level L prunes the final
-    weights of level L-1, rewinds the survivors to step k and retrains to the end.
+    Level 0 is the dense run itself (training from step k reproduces it).
     Returns one row per (rewind step, level, seed).
     """
     dense_states, dense_result, dense = train_dense(trainer)
-    rows = _rows(rewind_steps, 0, dense_states, dense_result)
+    rows = [{"seed": row["seed"], "rewind": k} | row for k in rewind_steps
+            for row in result_rows(0, dense_states.mask, dense_result)]
     for k in rewind_steps:
-        previous = dense_states
-        state_k = None
-        for level in range(1, levels + 1):
-            run_dir = level_dir(trainer, dense, k, level)
-            description = {"kind": "imp_level", "dense": os.path.basename(dense.path), "rewind": k,
-                           "level": level, "prune": dataclasses.asdict(trainer.config.prune) |
-                           {"levels": None, "rewind_iters": None}, "seeds": seeds_of(trainer.config)}
-
-            def initial(previous=previous):
-                nonlocal state_k
-                state_k = state_k if state_k is not None else state_at(trainer, dense, k)
-                return rewind(trainer, state_k, prune_next(trainer, previous))
-
-            previous, result = run(trainer, run_dir, description=description, initial=initial,
-                                   end=trainer.total_steps, label=f"imp k={k} level {level}")
-            rows += _rows([k], level, previous, result)
+        chain = imp_chain(trainer, os.path.join(imp_dir(trainer, dense), f"rewind{k}"),
+                          lambda k=k: state_at(trainer, dense, k), dense_states, levels,
+                          {"dense": os.path.basename(dense.path), "rewind": k}, f"imp k={k}")
+        rows += [{"seed": row["seed"], "rewind": k} | row for level, mask, result in chain
+                 for row in result_rows(level, mask, result)]
     return rows
 
 
-def _rows(rewind_steps, level, states, result) -> list[dict]:
-    return [{"seed": seed, "rewind": k, "level": level, "density": density, "accuracy": accuracy}
-            for k in rewind_steps
-            for seed, density, accuracy in zip(result["seeds"], densities(states),
-                                                result["test_accuracy"])]
+def result_rows(level: int, mask, result: dict) -> list[dict]:
+    """One row per seed: seed, level, density (from the mask), test accuracy."""
+    return [{"seed": seed, "level": level, "density": d, "accuracy": acc}
+            for seed, d, acc in zip(result["seeds"], mask_densities(mask), result["test_accuracy"])]
