@@ -78,3 +78,55 @@ def _save(fig, path: str) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _series(rows: list[dict], key: str):
+    """(steps, mean, std) over seeds of `key`, for the rows that have it."""
+    by_step = defaultdict(list)
+    for row in rows:
+        value = row.get(key)
+        if value is not None and value != "" and np.isfinite(float(value)):
+            by_step[int(row["step"])].append(float(value))
+    steps = np.array(sorted(by_step))
+    values = [np.array(by_step[s]) for s in steps]
+    return steps, np.array([v.mean() for v in values]), np.array([v.std() for v in values])
+
+
+def _band(ax, rows, key, label, scale=1.0, **style):
+    steps, mean, std = _series(rows, key)
+    if len(steps):
+        line, = ax.plot(steps, scale * mean, label=label, **style)
+        ax.fill_between(steps, scale * (mean - std), scale * (mean + std), color=line.get_color(),
+                        alpha=0.2)
+
+
+def plot_telemetry(rows: list[dict], path: str, title: str, subnet: bool = False) -> str:
+    """The paper's Fig. 3 panel over the early steps (symlog x), mean +- std over seeds."""
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    panels = [
+        ("test accuracy (%)", [("test_accuracy", "test accuracy", 100)]),
+        ("mean |w|", [("all_mean_abs", "all weights", 1)] + [("sub_mean_abs", "subnetwork", 1)] * subnet),
+        ("signs differing from init (%)", [("all_sign_flip", "all weights", 1)]
+         + [("sub_sign_flip", "subnetwork", 1)] * subnet),
+        ("10 sampled weights (first seed)", []),
+        ("gradient norm", [("grad_norm", "minibatch gradient", 1)]),
+        ("L2 distance", [("all_dist_init", "to W_0", 1), ("all_dist_final", "to W_T", 1)]),
+        ("cosine similarity", [("all_cos_init", "to W_0", 1), ("all_cos_final", "to W_T", 1)]),
+        ("test loss / train loss", [("test_loss", "test loss", 1), ("loss", "train loss (step)", 1)]),
+    ]
+    for ax, (ylabel, curves) in zip(axes.ravel(), panels):
+        for key, label, scale in curves:
+            _band(ax, rows, key, label, scale, marker="o" if key.startswith("test") else None, ms=3)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        if curves:
+            ax.legend(fontsize=7)
+    first_seed = [r for r in rows if r["seed"] == rows[0]["seed"]] if rows else []
+    sample_keys = [k for k in (rows[0] if rows else {}) if k.startswith("sample_")]
+    for key in sample_keys:
+        steps, mean, _ = _series(first_seed, key)
+        axes[0, 3].plot(steps, mean, lw=0.8)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -160,7 +160,7 @@ class Trainer:
         arrays = arrays or TrainArrays(dataset.x_train, dataset.y_train, dataset.mean, dataset.std)
         self.arrays = sharding.put_replicated(arrays, self.mesh)
         self.test = sharding.put_replicated(_padded_test_batches(dataset, tc.eval_batch_size), self.mesh)
-        self._advance = self._compile_advance()
+        self._advance = {None: self._compile_advance()}
         self._evaluate = self._compile_evaluate()
 
     # ----- state -----
@@ -191,14 +191,21 @@ class Trainer:
         return states.replace(opt_state=jax.jit(jax.vmap(self.tx.init))(states.params))
 
     # ----- compiled programs -----
-    def _compile_advance(self):
+    def _compile_advance(self, observe: Callable | None = None):
+        """The compiled chunk of STEPS_PER_CALL steps; `observe(state, refs) -> dict` (optional)
+        adds per-step statistics of each seed's state after the step, given per-seed `refs`."""
         fns, spe, n = self.fns, self.steps_per_epoch, len(self.dataset.x_train)
-        seeds_step = over_seeds(fns.train_step, self.parallel, 2)
 
-        def advance(states, arrays, start, end):
+        def step(state, perm, refs, arrays, t):
+            new, metrics = fns.train_step(state, perm, arrays, t)
+            return new, (metrics | observe(new, refs)) if observe else metrics
+
+        seeds_step = over_seeds(step, self.parallel, 3)
+
+        def advance(states, refs, arrays, start, end):
             order_keys = jax.vmap(lambda k: jax.random.wrap_key_data(k))(states.keys["order"])
             permute = lambda epoch: jax.vmap(lambda k: epoch_permutation(k, epoch, n))(order_keys)
-            metric_shape = jax.eval_shape(seeds_step, states, permute(0), arrays, start)[1]
+            metric_shape = jax.eval_shape(seeds_step, states, permute(0), refs, arrays, start)[1]
 
             def body(carry, i):
                 states, perms = carry
@@ -207,8 +214,8 @@ class Trainer:
                 perms = jax.lax.cond(active & (t % spe == 0) & (i > 0), lambda: permute(t // spe),
                                      lambda: perms)
                 skip = lambda s: (s, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metric_shape))
-                states, metrics = jax.lax.cond(active, lambda s: seeds_step(s, perms, arrays, t), skip,
-                                               states)
+                states, metrics = jax.lax.cond(active, lambda s: seeds_step(s, perms, refs, arrays, t),
+                                               skip, states)
                 return (states, perms), metrics
 
             (states, _), metrics = jax.lax.scan(body, (states, permute(start // spe)),
@@ -216,7 +223,7 @@ class Trainer:
             return states, metrics
 
         seeds, rep = P(sharding.SEED_AXIS), P()
-        sharded = jax.shard_map(advance, mesh=self.mesh, in_specs=(seeds, rep, rep, rep),
+        sharded = jax.shard_map(advance, mesh=self.mesh, in_specs=(seeds, seeds, rep, rep, rep),
                                 out_specs=(seeds, P(None, sharding.SEED_AXIS)), check_vma=False)
         return jax.jit(sharded, donate_argnums=0)
 
@@ -235,20 +242,23 @@ class Trainer:
                                      check_vma=False))
 
     # ----- host-facing -----
-    def advance(self, states: TrainState, end: int, on_chunk: Callable | None = None
-                ) -> tuple[TrainState, dict]:
+    def advance(self, states: TrainState, end: int, on_chunk: Callable | None = None,
+                observe: Callable | None = None, refs=()) -> tuple[TrainState, dict]:
         """Train from the states' step to `end`; returns states and per-step metrics {name: [T, S]}.
 
         The input states are consumed (their buffers are donated to the result).
-
-        `on_chunk(step, metrics)` is called after each compiled call (for progress lines).
+        `on_chunk(step, metrics)` is called after each compiled call (for progress lines);
+        `observe`/`refs` add per-step statistics (see `_compile_advance`); one program per observer.
         """
         start = current_step(states)
         if end > self.total_steps:
             raise UserError(f"cannot train to step {end}: the run ends at step {self.total_steps}")
+        if observe not in self._advance:
+            self._advance[observe] = self._compile_advance(observe)
+        compiled = self._advance[observe]
         collected = []
         while start < end:
-            states, metrics = self._advance(states, self.arrays, jnp.int32(start), jnp.int32(end))
+            states, metrics = compiled(states, refs, self.arrays, jnp.int32(start), jnp.int32(end))
             count = min(STEPS_PER_CALL, end - start)
             collected.append(jax.tree.map(lambda m: np.asarray(m)[:count], metrics))
             start += count

@@ -6,6 +6,14 @@ compiler rewrites them into the canonical form only in the entry computation, so
 `lax.scan`/`cond` body they fall back to a naive loop nest (30-40x slower, measured). Here the
 gradients are written as canonical convolutions with explicit transposes, which stay canonical
 wherever they are compiled. Used on the CPU backend only; numerically it is the same convolution.
+
+Fusion barrier (`barrier=True`): the kernel gradient reads the conv input transposed. XLA:CPU
+fuses that transpose with the whole BatchNorm/ReLU/residual chain that produced the input and
+recomputes the chain with a cache-hostile access pattern (300-550 ms of a ~1 s ResNet-20 step,
+measured). `fusion_barrier` makes XLA write the input to memory once: a `lax.cond` on a run-time
+predicate whose branches both return the input (`optimization_barrier` does not work here: XLA:CPU
+strips it before fusion). Under vmap the predicate stays unbatched (a custom vmap rule), otherwise
+vmap would turn the cond into a fusible select. It is an identity, so numbers do not change.
 """
 from __future__ import annotations
 
@@ -18,17 +26,38 @@ from jax import lax
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+def _cond_identity(v):
+    pred = lax.reshape(lax.slice(v, (0,) * v.ndim, (1,) * v.ndim), ()) != 0
+    return lax.cond(pred, lambda u: u, lambda u: u * jnp.ones((), u.dtype), v)
+
+
+@jax.custom_batching.custom_vmap
+def fusion_barrier(v):
+    """Identity that XLA:CPU cannot fuse through (the value is materialised once)."""
+    return _cond_identity(v)
+
+
+@fusion_barrier.def_vmap
+def _fusion_barrier_vmap(axis_size, in_batched, v):
+    return _cond_identity(v), in_batched[0]
+
+
 def _forward(x, w, strides, pads):
     return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=NHWC)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def canonical_conv(x, w, strides, pads):
-    """NHWC x HWIO conv with explicit (lo, hi) padding pairs and no dilation."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def canonical_conv(x, w, strides, pads, barrier=False):
+    """NHWC x HWIO conv with explicit (lo, hi) padding pairs and no dilation.
+
+    `barrier`: put a fusion barrier on the input when it is differentiated (see the module doc).
+    """
     return _forward(x, w, strides, pads)
 
 
-def _fwd(x, w, strides, pads):
+def _fwd(x, w, strides, pads, barrier):
+    if barrier:
+        x = fusion_barrier(x)
     return _forward(x, w, strides, pads), (x, w)
 
 
@@ -60,7 +89,7 @@ def _kernel_grad(g, x, w_shape, strides, pads):
     return out.transpose(1, 2, 0, 3)
 
 
-def _bwd(strides, pads, residuals, g):
+def _bwd(strides, pads, barrier, residuals, g):
     x, w = residuals
     return (_input_grad(g, w, x.shape, strides, pads).astype(x.dtype),
             _kernel_grad(g, x, w.shape, strides, pads).astype(w.dtype))
@@ -70,11 +99,19 @@ canonical_conv.defvjp(_fwd, _bwd)
 
 
 def flax_conv_fn(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                 dimension_numbers=None, feature_group_count=1, precision=None, **unused):
-    """The `conv_general_dilated` signature flax's `nn.Conv` calls, for plain NHWC convolutions."""
+                 dimension_numbers=None, feature_group_count=1, precision=None, *, barrier=False,
+                 **unused):
+    """The `conv_general_dilated` signature flax's `nn.Conv` calls, for plain NHWC convolutions.
+
+    `barrier=True` adds the fusion barrier on differentiated inputs (bind with functools.partial).
+    """
     if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))) or feature_group_count != 1:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, precision=precision)
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-    return canonical_conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
+    return canonical_conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding), barrier)
+
+
+# The same, with the fusion barrier (one shared object, so models compare equal).
+flax_conv_fn_with_barrier = functools.partial(flax_conv_fn, barrier=True)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from early_jax.models.cpu_conv import flax_conv_fn
+from early_jax.models.cpu_conv import flax_conv_fn, flax_conv_fn_with_barrier
 
 # He/Kaiming normal, fan_in, gain sqrt(2), *untruncated* (`he_normal` would truncate).
 he_normal_untruncated = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -35,9 +36,18 @@ def batch_norm(train: bool, scale_init: str, dtype, name: str) -> nn.BatchNorm:
                         scale_init=BN_SCALE_INITS[scale_init], name=name)
 
 
+def conv_barrier_enabled() -> bool:
+    """The CPU fusion barrier before conv inputs (see cpu_conv); `EARLY_JAX_CONV_BARRIER=0` turns it
+    off (for speed comparisons; numbers are the same either way)."""
+    return os.environ.get("EARLY_JAX_CONV_BARRIER", "1").lower() not in ("0", "false", "no", "off")
+
+
 def conv_impl():
-    """On CPU, convolutions with canonical-form gradients (see cpu_conv); elsewhere XLA's own."""
-    return flax_conv_fn if jax.default_backend() == "cpu" else None
+    """On CPU, convolutions with canonical-form gradients and a fusion barrier on their inputs
+    (see cpu_conv); elsewhere XLA's own."""
+    if jax.default_backend() != "cpu":
+        return None
+    return flax_conv_fn_with_barrier if conv_barrier_enabled() else flax_conv_fn
 
 
 def conv(features: int, kernel: int, stride: int = 1, *, use_bias: bool = False, fan_in: int = 0,

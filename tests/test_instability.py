@@ -1,0 +1,181 @@
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from early_jax import instability as ins
+from early_jax import pipeline
+from early_jax.errors import UserError
+from early_jax.train import Trainer, current_step
+from helpers import TINY_DATA, tiny_config, with_workdir
+
+REWINDS = [0, 3]
+SEEDS = 2
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """Dense instability at k = 0 and 3 for 2 seeds on tiny data, run once for the module."""
+    trainer = Trainer(with_workdir(tiny_config(), tmp_path_factory.mktemp("instability")), TINY_DATA)
+    return trainer, ins.instability(trainer, REWINDS)
+
+
+def leaves_equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def rows_of(tree, rows):
+    return jax.tree.map(lambda x: np.asarray(x)[rows], tree)
+
+
+def dense_final(trainer):
+    return pipeline.dense_run_dir(trainer).restore(trainer.total_steps, trainer.abstract_state(SEEDS))
+
+
+def copies_final(trainer, k, level=0):
+    run_dir = ins.copies_dir(trainer, pipeline.dense_run_dir(trainer), k, level)
+    return run_dir.restore(trainer.total_steps, trainer.abstract_state(2 * SEEDS))
+
+
+# ----- pure pieces -----
+def test_barrier_is_the_worst_error_minus_the_mean_of_the_ends():
+    assert ins.barrier([0.1, 0.3, 0.2]) == pytest.approx(0.15)
+    assert ins.barrier([0.2, 0.2, 0.2]) == 0.0
+    assert ins.barrier([0.1, 0.1, 0.3]) == pytest.approx(0.1)  # the worst point is an end
+    assert ins.barrier([0.3, 0.1, 0.3]) == 0.0                 # never below 0 when an end is worst
+
+
+def test_interpolate_hits_both_ends_exactly_and_a_network_with_itself_everywhere(rng):
+    a = {"w": jnp.asarray(rng.normal(size=(5, 7)), jnp.float32), "b": {"c": jnp.asarray(rng.normal(size=3))}}
+    b = jax.tree.map(lambda x: x * 3.7 + 0.1, a)
+    assert leaves_equal(ins.interpolate(a, b, 0.0), a)
+    assert leaves_equal(ins.interpolate(a, b, 1.0), b)
+    mid = ins.interpolate(a, b, 0.3)
+    np.testing.assert_allclose(mid["w"], 0.7 * a["w"] + 0.3 * b["w"], rtol=1e-5, atol=1e-6)
+    for alpha in ins.DEFAULT_ALPHAS:
+        assert leaves_equal(ins.interpolate(a, a, alpha), a)
+
+
+def test_bad_alphas_and_rewind_steps_are_refused_before_training(study, monkeypatch):
+    trainer, _ = study
+    monkeypatch.setattr(trainer, "advance", lambda *a, **k: pytest.fail("nothing may train"))
+    with pytest.raises(UserError, match="from 0 to 1"):
+        ins.instability(trainer, [0], alphas=(0.0, 0.5))
+    with pytest.raises(UserError, match="outside the run"):
+        ins.instability(trainer, [0, 500])
+
+
+# ----- the path program -----
+def test_a_network_with_itself_has_a_flat_path_and_zero_barrier(study):
+    trainer, _ = study
+    final = dense_final(trainer)
+    errors = ins.path_errors(trainer, final, final)
+    assert errors.shape == (SEEDS, len(ins.DEFAULT_ALPHAS), len(ins.SPLITS))
+    for seed in range(SEEDS):
+        for split in range(len(ins.SPLITS)):
+            path = errors[seed, :, split]
+            assert np.all(path == path[0])
+            assert ins.barrier(path) == 0.0
+
+
+def test_a_network_with_a_reinitialised_one_has_a_barrier(study):
+    trainer, _ = study
+    final = dense_final(trainer)
+    fresh = trainer.init([100, 101])
+    errors = ins.path_errors(trainer, final, fresh)
+    for seed in range(SEEDS):
+        assert ins.barrier(errors[seed, :, 0]) > 0
+
+
+def test_batchnorm_recompute_averages_batch_statistics_and_keeps_the_params(study):
+    trainer, _ = study
+    model = trainer.fns.model
+    final = rows_of(dense_final(trainer), 0)
+    images = ins.bn_images(trainer, 4)
+    params_before = jax.tree.map(np.array, final.params)
+    stats = jax.jit(lambda p, s, x: ins.recompute_batch_stats(model, p, s, x))(
+        final.params, final.batch_stats, images)
+    assert jax.tree.structure(stats) == jax.tree.structure(final.batch_stats)
+    assert not leaves_equal(stats, final.batch_stats)
+    assert leaves_equal(final.params, params_before)
+
+    # the first BatchNorm's statistics are the mean over batches of its input's batch statistics
+    def conv0_out(x):
+        _, state = model.apply({"params": final.params, "batch_stats": final.batch_stats}, x, train=True,
+                               mutable=["batch_stats", "intermediates"],
+                               capture_intermediates=lambda mdl, _: mdl.name == "conv0")
+        return state["intermediates"]["conv0"]["__call__"][0]
+
+    outs = [np.asarray(conv0_out(x), np.float64) for x in images]
+    mean = np.mean([o.mean((0, 1, 2)) for o in outs], 0)
+    var = np.mean([o.var((0, 1, 2)) for o in outs], 0)
+    np.testing.assert_allclose(stats["bn0"]["mean"], mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stats["bn0"]["var"], var, rtol=1e-4, atol=1e-5)
+
+
+# ----- the copies and the experiment -----
+def test_copy_one_retraces_the_dense_run_and_copy_two_differs(study):
+    trainer, _ = study
+    dense, copies = dense_final(trainer), copies_final(trainer, 3)
+    first, second = ins.split_copies(copies)
+    np.testing.assert_array_equal(first.keys["order"], dense.keys["order"])
+    for a, b in zip(jax.tree.leaves((first.params, first.batch_stats)),
+                    jax.tree.leaves((dense.params, dense.batch_stats))):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert not np.array_equal(second.keys["order"], dense.keys["order"])
+    assert not np.array_equal(second.keys["augment"], dense.keys["augment"])
+    np.testing.assert_array_equal(second.keys["init"], dense.keys["init"])
+    for a, b in zip(jax.tree.leaves(second.params), jax.tree.leaves(dense.params)):
+        assert not np.allclose(a, b)
+
+
+def test_every_seed_rewind_split_and_alpha_has_a_row_and_a_finite_barrier(study):
+    trainer, rows = study
+    assert len(rows) == SEEDS * len(REWINDS) * len(ins.SPLITS) * len(ins.DEFAULT_ALPHAS)
+    assert all(0 <= r["error"] <= 1 and r["level"] == 0 and r["density"] == 1.0 for r in rows)
+    summary = ins.barriers(rows)
+    assert {(r["seed"], r["rewind"], r["split"]) for r in summary} == {
+        (s, k, split) for s in range(SEEDS) for k in REWINDS for split in ins.SPLITS}
+    assert all(math.isfinite(r["barrier"]) and r["barrier"] >= 0 for r in summary)
+    # the ends of the path are the copies themselves
+    ends = {(r["seed"], r["rewind"], r["split"]): r["error_copy1"] for r in summary}
+    assert all(ends[(r["seed"], r["rewind"], r["split"])] == r["error"] for r in rows if r["alpha"] == 0)
+
+
+def test_rerun_reuses_finished_copies_and_retrains_only_what_is_missing(study, monkeypatch):
+    trainer, rows = study
+    real_advance = trainer.advance
+    monkeypatch.setattr(trainer, "advance", lambda *a, **k: pytest.fail("nothing may be retrained"))
+    assert ins.instability(trainer, REWINDS) == rows
+    run_dir = ins.copies_dir(trainer, pipeline.dense_run_dir(trainer), 3, 0)
+    for name in os.listdir(run_dir.path):  # the measured path is recomputed from the stored copies
+        if name.startswith("path_"):
+            os.remove(run_dir.file(name))
+    assert ins.instability(trainer, REWINDS) == rows
+    shutil.rmtree(run_dir.path)  # lost copies of k = 3 are retrained, and only those
+    starts = []
+    monkeypatch.setattr(trainer, "advance",
+                        lambda s, e, *a, **k: starts.append(current_step(s)) or real_advance(s, e, *a, **k))
+    assert ins.instability(trainer, REWINDS) == rows
+    assert starts and min(starts) == 3  # k = 0 was not retrained, k = 3 restarted from step 3
+
+
+def test_an_imp_subnetwork_trains_both_copies_with_the_level_mask(study):
+    trainer, _ = study
+    rows = ins.instability(trainer, [3], level=1)
+    assert {r["level"] for r in rows} == {1}
+    assert all(r["density"] == pytest.approx(0.8, abs=0.01) for r in rows)
+    dense = pipeline.dense_run_dir(trainer)
+    level = pipeline.level_dir(trainer, dense, 3, 1).restore(trainer.total_steps,
+                                                             trainer.abstract_state(SEEDS))
+    first, second = ins.split_copies(copies_final(trainer, 3, level=1))
+    assert leaves_equal(first.mask, level.mask) and leaves_equal(second.mask, level.mask)
+    for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(level.params)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)  # copy 1 retraces IMP level 1
+    summary = ins.barriers(rows)
+    assert len(summary) == SEEDS * len(ins.SPLITS)
+    assert all(math.isfinite(r["barrier"]) for r in summary)

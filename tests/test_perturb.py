@@ -1,0 +1,192 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from early_jax import masks, perturb
+from early_jax.errors import UserError
+
+SHAPES = {"conv": {"kernel": (3, 3, 2, 8), "bias": (8,)}, "bn": {"scale": (8,), "bias": (8,)},
+          "head": {"kernel": (16, 4), "bias": (4,)}}
+BIG_SHAPES = {"conv": {"kernel": (3, 3, 64, 64), "bias": (64,)},
+              "head": {"kernel": (256, 10), "bias": (10,)}}
+RANDOM = [n for n in perturb.PERTURBATIONS if n not in ("signs_k_mags_0", "signs_0_mags_k")]
+
+
+def random_tree(seed, shapes=SHAPES):
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(treedef, [jax.random.normal(k, s) for k, s in zip(keys, leaves)])
+
+
+def setup(seed=0, shapes=SHAPES):
+    """(w_k, w_0, mask): two masked random trees sharing a ~50% random mask."""
+    params = random_tree(seed, shapes)
+    mask = masks.random_prune(jax.random.key(seed + 100), masks.prunable_mask(params), 0.5,
+                              scope="layerwise")
+    return masks.apply_mask(params, mask), masks.apply_mask(random_tree(seed + 1, shapes), mask), mask
+
+
+def kernels(tree, mask):
+    return {p: (np.asarray(w), np.asarray(m)) for p, (w, m) in masks.masked_kernels(tree, mask).items()}
+
+
+def untouched(tree):
+    """{path: leaf} for every leaf that is not a prunable kernel (biases, BatchNorm)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat if "kernel" not in jax.tree_util.keystr(k)}
+
+
+def test_init_std_is_he_fan_in():
+    w_k, _, mask = setup()
+    std = perturb.init_std(w_k, mask)
+    assert set(std) == {"conv", "head"} and "bias" not in std["conv"]
+    np.testing.assert_allclose(std["conv"]["kernel"], math.sqrt(2 / 18), rtol=1e-6)
+    np.testing.assert_allclose(std["head"]["kernel"], math.sqrt(2 / 16), rtol=1e-6)
+
+
+@pytest.mark.parametrize("within", ["layer", "filter"])
+def test_shuffle_keeps_mask_and_multiset_and_moves_values(within):
+    w_k, _, mask = setup()
+    out = perturb.shuffle(jax.random.key(1), w_k, mask, within=within)
+    moved = 0
+    for (w, m), (v, _) in zip(kernels(w_k, mask).values(), kernels(out, mask).values()):
+        assert np.all(v[~m] == 0) and np.all(v[m] != 0)
+        groups = [(w, m, v)] if within == "layer" else [
+            (w[..., c], m[..., c], v[..., c]) for c in range(w.shape[-1])]
+        for wg, mg, vg in groups:
+            np.testing.assert_array_equal(np.sort(wg[mg]), np.sort(vg[mg]))
+        moved += int(np.sum(w[m] != v[m]))
+    assert moved > 0.5 * sum(int(m.sum()) for _, m in kernels(w_k, mask).values())
+
+
+@pytest.mark.parametrize("within", ["layer", "filter"])
+def test_shuffle_keep_signs_keeps_every_sign_and_permutes_magnitudes(within):
+    w_k, _, mask = setup()
+    out = perturb.shuffle(jax.random.key(1), w_k, mask, within=within, keep_signs=True)
+    for (w, m), (v, _) in zip(kernels(w_k, mask).values(), kernels(out, mask).values()):
+        np.testing.assert_array_equal(np.sign(v[m]), np.sign(w[m]))
+        assert np.all(v[~m] == 0)
+        np.testing.assert_array_equal(np.sort(np.abs(w[m])), np.sort(np.abs(v[m])))
+        assert np.mean(np.abs(w[m]) != np.abs(v[m])) > 0.5
+
+
+def test_shuffle_gives_identical_layers_independent_permutations():
+    w = jax.random.normal(jax.random.key(0), (6, 5))
+    m = jax.random.bernoulli(jax.random.key(1), 0.5, (6, 5))
+    params, mask = {"a": {"kernel": w}, "b": {"kernel": w}}, {"a": {"kernel": m}, "b": {"kernel": m}}
+    out = perturb.shuffle(jax.random.key(2), masks.apply_mask(params, mask), mask)
+    assert not np.array_equal(out["a"]["kernel"], out["b"]["kernel"])
+
+
+def test_reinit_matches_init_std_and_keep_signs_keeps_signs():
+    w_k, _, mask = setup(shapes=BIG_SHAPES)
+    sigma = math.sqrt(2 / (3 * 3 * 64))
+    for keep_signs in (False, True):
+        out = perturb.reinit(jax.random.key(3), w_k, mask, keep_signs=keep_signs)
+        (w, m), (v, _) = kernels(w_k, mask)["conv/kernel"], kernels(out, mask)["conv/kernel"]
+        assert abs(np.sqrt(np.mean(v[m] ** 2)) / sigma - 1) < 0.03
+        assert np.all(v[~m] == 0) and np.mean(v[m] == w[m]) == 0
+        if keep_signs:
+            np.testing.assert_array_equal(np.sign(v[m]), np.sign(w[m]))
+        else:
+            assert abs(np.mean(v[m]) / sigma) < 0.03
+            assert 0.45 < np.mean(np.sign(v[m]) == np.sign(w[m])) < 0.55
+
+
+def test_mixes_take_signs_and_magnitudes_from_the_right_sources():
+    w_k, w_0, mask = setup()
+    key = jax.random.key(4)
+    fresh = perturb.reinit(key, w_k, mask)
+    cases = {"signs_k_mags_0": (w_k, w_0), "signs_0_mags_k": (w_0, w_k), "signs_k_mags_fresh": (w_k, fresh)}
+    for name, (signs, mags) in cases.items():
+        out = perturb.apply(name, key, w_k, w_0, mask)
+        for p, (v, m) in kernels(out, mask).items():
+            s, a = kernels(signs, mask)[p][0], kernels(mags, mask)[p][0]
+            np.testing.assert_array_equal(v[m], np.sign(s[m]) * np.abs(a[m]))
+            assert np.all(v[~m] == 0)
+        jax.tree.map(np.testing.assert_array_equal, untouched(out), untouched(w_k))
+    jax.tree.map(np.testing.assert_array_equal, perturb.apply("signs_k_mags_fresh", key, w_k, w_0, mask),
+                 perturb.apply("reinit_keep_signs", key, w_k, w_0, mask))
+
+
+def test_mix_takes_non_kept_entries_from_base_and_counts_zero_as_positive():
+    w_k, w_0, mask = setup()
+    base = jax.tree.map(lambda x: x + 7.0, w_k)
+    signs = jax.tree.map(jnp.zeros_like, w_0)
+    out = perturb.mix_signs_magnitudes(base, signs, w_0, mask)
+    for p, (v, m) in kernels(out, mask).items():
+        b, a = kernels(base, mask)[p][0], kernels(w_0, mask)[p][0]
+        np.testing.assert_array_equal(v[m], np.abs(a[m]))
+        np.testing.assert_array_equal(v[~m], b[~m])
+    jax.tree.map(np.testing.assert_array_equal, untouched(out), untouched(base))
+
+
+def test_noise_has_std_scale_times_sigma_on_kept_and_nothing_elsewhere():
+    w_k, _, mask = setup(shapes=BIG_SHAPES)
+    sigma = perturb.init_std(w_k, mask)
+    for scale, sig, expect in ((2.0, sigma, 2 * math.sqrt(2 / 576)), (1.0, 0.1, 0.1)):
+        out = perturb.gaussian_noise(jax.random.key(5), w_k, mask, scale, sig)
+        (w, m), (v, _) = kernels(w_k, mask)["conv/kernel"], kernels(out, mask)["conv/kernel"]
+        assert abs(np.std(v[m] - w[m]) / expect - 1) < 0.03
+        assert np.all(v[~m] == 0)
+        jax.tree.map(np.testing.assert_array_equal, untouched(out), untouched(w_k))
+
+
+@pytest.mark.parametrize("n", [0.5, 2.0])
+def test_effective_std_of_noise_n_is_n(n):
+    w_k, w_0, mask = setup(shapes=BIG_SHAPES)
+    out = perturb.apply("noise", jax.random.key(6), w_k, w_0, mask, scale=n)
+    eff = perturb.effective_std(w_k, out, mask, perturb.init_std(w_k, mask))
+    assert set(eff) == {"conv/kernel", "head/kernel", "overall"}
+    for value in eff.values():
+        assert abs(float(value) / n - 1) < 0.05
+    counts = {p: int(m.sum()) for p, (_, m) in kernels(w_k, mask).items()}
+    weighted = sum(float(eff[p]) * c for p, c in counts.items()) / sum(counts.values())
+    np.testing.assert_allclose(float(eff["overall"]), weighted, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(perturb.PERTURBATIONS))
+def test_every_perturbation_keeps_pruned_zero_and_other_params(name):
+    w_k, w_0, mask = setup()
+    out = perturb.apply(name, jax.random.key(7), w_k, w_0, mask, scale=1.0)
+    assert jax.tree.structure(out) == jax.tree.structure(w_k)
+    for p, (v, m) in kernels(out, mask).items():
+        assert np.all(v[~m] == 0) and np.all(v[m] != 0)
+        assert not np.array_equal(v, kernels(w_k, mask)[p][0])
+    jax.tree.map(np.testing.assert_array_equal, untouched(out), untouched(w_k))
+
+
+@pytest.mark.parametrize("name", RANDOM)
+def test_same_key_same_result_other_key_different(name):
+    w_k, w_0, mask = setup()
+    run = lambda seed: perturb.apply(name, jax.random.key(seed), w_k, w_0, mask, scale=1.0)
+    jax.tree.map(np.testing.assert_array_equal, run(8), run(8))
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(run(8)), jax.tree.leaves(run(9))))
+
+
+def test_vmap_over_seeds_equals_per_seed_calls():
+    seeds = [setup(s) for s in range(3)]
+    w_k, w_0, mask = (jax.tree.map(lambda *x: jnp.stack(x), *[s[i] for s in seeds]) for i in range(3))
+    keys = jax.random.split(jax.random.key(10), 3)
+
+    def all_of_them(key, w_k, w_0, mask):
+        outs = {name: perturb.apply(name, key, w_k, w_0, mask, scale=1.5) for name in perturb.PERTURBATIONS}
+        outs["effective_std"] = perturb.effective_std(w_k, outs["noise"], mask, perturb.init_std(w_k, mask))
+        outs["init_std"] = perturb.init_std(w_k, mask)
+        return outs
+
+    batched = jax.jit(jax.vmap(all_of_them))(keys, w_k, w_0, mask)
+    for i, (wk, w0, m) in enumerate(seeds):
+        single = all_of_them(keys[i], wk, w0, m)
+        jax.tree.map(lambda b, s: np.testing.assert_allclose(b[i], s, rtol=1e-5, atol=1e-6), batched, single)
+
+
+def test_apply_rejects_unknown_names_and_noise_without_scale():
+    w_k, w_0, mask = setup()
+    with pytest.raises(UserError, match="shuffle_layer"):
+        perturb.apply("shuffle_everything", jax.random.key(0), w_k, w_0, mask)
+    with pytest.raises(UserError, match="scale"):
+        perturb.apply("noise", jax.random.key(0), w_k, w_0, mask)

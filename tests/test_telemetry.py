@@ -1,0 +1,86 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from early_jax import masks, pipeline, telemetry
+from early_jax.train import Trainer, current_step
+from helpers import TINY_DATA, tiny_config, with_workdir
+
+
+def test_statistics_match_numpy_on_a_tiny_tree(rng):
+    w, w0, wt = (rng.normal(size=(3, 4)).astype(np.float32) for _ in range(3))
+    keep = rng.random((3, 4)) < 0.6
+    stats = telemetry.stats_from_sums(telemetry.layer_sums(*map(jnp.asarray, (w, w0, wt, keep))))
+    k = keep
+    expected = {"mean_abs": np.abs(w[k]).mean(), "sign_flip": 100 * np.mean(np.sign(w[k]) != np.sign(w0[k])),
+                "dist_init": np.linalg.norm(w[k] - w0[k]), "dist_final": np.linalg.norm(w[k] - wt[k]),
+                "cos_init": w[k] @ w0[k] / np.linalg.norm(w[k]) / np.linalg.norm(w0[k]),
+                "cos_final": w[k] @ wt[k] / np.linalg.norm(w[k]) / np.linalg.norm(wt[k])}
+    for name, value in expected.items():
+        assert float(stats[name]) == pytest.approx(value, rel=1e-5), name
+
+
+def test_global_statistics_pool_layers_by_weight_count(rng):
+    params = {"a": {"kernel": jnp.asarray(rng.normal(size=(2, 3)))},
+              "b": {"kernel": jnp.asarray(rng.normal(size=(5,)))}}
+    init = jax.tree.map(lambda x: x * 0 + 1.0, params)
+    mask = masks.prunable_mask(params)
+    refs = telemetry.make_refs(init, params, mask, None, jax.random.key(0))
+    state = type("S", (), {"params": params, "mask": mask})
+    out = telemetry.observe(state, refs)
+    flat = np.concatenate([np.ravel(params["a"]["kernel"]), np.ravel(params["b"]["kernel"])])
+    assert float(out["all_mean_abs"]) == pytest.approx(np.abs(flat).mean(), rel=1e-6)
+    assert float(out["all_sign_flip"]) == pytest.approx(100 * np.mean(flat < 0), rel=1e-6)
+    assert float(out["all_dist_final"]) == pytest.approx(0.0, abs=1e-6)
+    assert set(np.asarray(out["samples"]).tolist()) <= set(flat.tolist())
+    assert out["layer_all_mean_abs"].shape == (2,)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    trainer = Trainer(with_workdir(tiny_config(), tmp_path_factory.mktemp("tel")), TINY_DATA)
+    final, _, dense = pipeline.train_dense(trainer)
+    return trainer, final, dense
+
+
+def test_replay_reproduces_the_runs_early_weights_exactly(trained):
+    trainer, final, dense = trained
+    start = pipeline.state_at(trainer, dense, 0)
+    refs = jax.jit(jax.vmap(telemetry.make_refs))(start.params, final.params, start.mask, None,
+                                                   telemetry.sample_keys(start))
+    replayed, per_step = telemetry.replay(trainer, start, refs, 6)
+    saved = dense.restore(6, trainer.abstract_state(2))
+    for a, b in zip(jax.tree.leaves(replayed.params), jax.tree.leaves(saved.params)):
+        np.testing.assert_array_equal(a, b)
+    assert per_step["all_dist_init"].shape == (7, 2) and np.all(per_step["all_dist_init"][0] == 0)
+    assert list(per_step["eval_steps"]) == [0, 1, 2, 4, 6]
+
+
+def test_in_scan_statistics_equal_step_by_step_statistics(trained):
+    trainer, final, dense = trained
+    start = pipeline.state_at(trainer, dense, 0)
+    refs = jax.jit(jax.vmap(telemetry.make_refs))(start.params, final.params, start.mask, None,
+                                                   telemetry.sample_keys(start))
+    _, per_step = telemetry.replay(trainer, pipeline.state_at(trainer, dense, 0), refs, 4)
+    states = start
+    observe = jax.jit(jax.vmap(telemetry.observe))
+    for step in range(1, 5):
+        states, _ = trainer.advance(states, step)  # one step at a time, then observe outside
+        outside = observe(states, refs)
+        assert current_step(states) == step
+        for key in ("all_mean_abs", "all_sign_flip", "all_dist_init", "all_cos_final", "samples"):
+            np.testing.assert_allclose(per_step[key][step], np.asarray(outside[key]), rtol=1e-5,
+                                       atol=1e-6)
+
+
+def test_run_telemetry_writes_tables_and_figure_with_a_subnetwork(trained):
+    trainer, _, _ = trained
+    out = telemetry.run_telemetry(trainer, 8, level=1, rewind=3)
+    from early_jax import report
+    rows = report.read_csv(f"{out}/telemetry.csv")
+    assert {r["step"] for r in rows} == set(range(9)) and {r["seed"] for r in rows} == {0, 1}
+    # the subnetwork keeps fewer weights than all, so its statistics differ
+    assert any(r["sub_mean_abs"] != r["all_mean_abs"] for r in rows)
+    layers = report.read_csv(f"{out}/telemetry_layers.csv")
+    assert {r["layer"] for r in layers} == {"conv0/kernel", "conv1/kernel", "fc/kernel", "head/kernel"}
