@@ -10,11 +10,11 @@ from typing import Any
 
 from early_jax.errors import UserError
 
-_DURATION = re.compile(r"^\s*(\d+)\s*(it|ep)\s*$")
+_DURATION = re.compile(r"^\s*(\d+)\s*(it|ep)?\s*$")
 
 
 def to_steps(duration, steps_per_epoch: int) -> int:
-    """'500it' -> 500, '2ep' -> 2 * steps_per_epoch, a bare int -> itself (steps)."""
+    """'500it' -> 500, '2ep' -> 2 * steps_per_epoch, a bare number ('500' or 500) -> iterations."""
     if isinstance(duration, bool):
         raise UserError(f"bad duration {duration!r}: write '<n>it' or '<n>ep'")
     if isinstance(duration, int):
@@ -26,7 +26,7 @@ def to_steps(duration, steps_per_epoch: int) -> int:
         raise UserError(f"bad duration {duration!r}: write '<n>it' (iterations) or '<n>ep' (epochs), "
                         "e.g. '500it' or '2ep'")
     value, unit = int(match.group(1)), match.group(2)
-    return value if unit == "it" else value * steps_per_epoch
+    return value * steps_per_epoch if unit == "ep" else value
 
 
 @dataclasses.dataclass(frozen=True)

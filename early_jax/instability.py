@@ -39,7 +39,7 @@ from early_jax.train import Trainer, TrainState, over_seeds
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 SPLITS = ("test", "train")
 COPY_SALT = 0x2C0F  # copy 2's order/augment keys are fold_in(key, COPY_SALT)
-SECOND_COPY_PURPOSES = ()
+SECOND_COPY_PURPOSES = ("order", "augment")
 _DATA_SEED = 0  # the fixed train-error subset and BatchNorm batches (the same for every seed)
 
 
@@ -78,7 +78,7 @@ def interpolate(params_a, params_b, alpha):
     exactly a everywhere when a == b (each half is computed from its nearer end)."""
     def lerp(a, b):
         delta = b - a
-        return jnp.where(alpha <= 0.5, a + alpha * delta, b - (1 - alpha) * delta).astype(a.dtype)
+        return ((1 - alpha) * a + alpha * b).astype(a.dtype)
     return jax.tree.map(lerp, params_a, params_b)
 
 

@@ -15,8 +15,7 @@ from early_jax.train import Trainer
 
 def rewind_steps(args, trainer) -> list[int]:
     text = args.rewind_iter or ",".join(trainer.config.prune.rewind_iters)
-    return sorted({to_steps(t if t.strip()[-1:].isalpha() else f"{t.strip()}it", trainer.steps_per_epoch)
-                   for t in text.split(",") if t.strip()})
+    return sorted({to_steps(t, trainer.steps_per_epoch) for t in text.split(",") if t.strip()})
 
 
 def main(args):

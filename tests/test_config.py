@@ -9,9 +9,10 @@ def test_durations_convert_to_steps():
     assert cfg.to_steps("2ep", 391) == 782
     assert cfg.to_steps(" 160ep ", 391) == 62_560
     assert cfg.to_steps(7, 391) == 7
+    assert cfg.to_steps("500", 391) == 500  # a bare number means iterations (--rewind_iter=500)
 
 
-@pytest.mark.parametrize("bad", ["500", "2 epochs", "ep", "-3it", "1.5ep", True])
+@pytest.mark.parametrize("bad", ["500x", "2 epochs", "ep", "-3it", "1.5ep", True])
 def test_bad_durations_are_one_clear_error(bad):
     with pytest.raises(UserError, match="duration"):
         cfg.to_steps(bad, 10)
