@@ -106,8 +106,9 @@ def time_advance(trainer, states, steps: int, repeats: int):
     return statistics.median(times), times, states
 
 
-def time_bare(trainer, states, repeats: int, steps: int):
-    """One jitted S-seed step on a fixed on-device batch, called from Python."""
+def bare_step_fn(trainer):
+    """`states -> (states, loss)`: one jitted step of the S seeds on a fixed on-device batch
+    (forward, loss, gradient, optimizer update; no batch gather, augmentation or scan)."""
     import jax
     import jax.numpy as jnp
     from early_jax.data.device import normalize
@@ -125,12 +126,18 @@ def time_bare(trainer, states, repeats: int, steps: int):
         return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state), loss
 
     step = jax.jit(over_seeds(one, trainer.parallel, 1), donate_argnums=0)
-    states, _ = sync(step(states, x, y))
+    return lambda states: step(states, x, y)
+
+
+def time_bare(trainer, states, repeats: int, steps: int):
+    """Median seconds per step of `bare_step_fn`, called from Python."""
+    step = bare_step_fn(trainer)
+    states, _ = sync(step(states))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(steps):
-            states, loss = step(states, x, y)
+            states, loss = step(states)
         sync(loss)
         times.append((time.perf_counter() - t0) / steps)
     return statistics.median(times), states
@@ -210,6 +217,7 @@ def main(argv=None):
     from early_jax.train import Trainer
     import_s = time.perf_counter() - t_import
 
+    load_start = os.getloadavg()[0]
     config = build_config(args)
     dataset = load_data(config.data.name)
     events = compile_events()
@@ -252,7 +260,11 @@ def main(argv=None):
                        "loop_ms_per_step": round(loop * 1e3, 2),
                        "loop_over_step": round(loop / ms, 3), "loop_over_bare": round(loop / bare, 3),
                        "loop_steps": args.loop_steps, "loop_eval_every": args.loop_eval_every})
+    from early_jax.models import layers
     result.update(runtime.describe())
+    result["conv_barrier"] = layers.conv_barrier_enabled() and jax.default_backend() == "cpu"
+    result["loadavg_1m"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
+    result["cpus"] = os.cpu_count()
     result.update({"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
                    "jax": jax.__version__, "early_jax": early_jax.__version__})
     if args.json:

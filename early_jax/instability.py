@@ -78,7 +78,7 @@ def interpolate(params_a, params_b, alpha):
     exactly a everywhere when a == b (each half is computed from its nearer end)."""
     def lerp(a, b):
         delta = b - a
-        return ((1 - alpha) * a + alpha * b).astype(a.dtype)
+        return jnp.where(alpha <= 0.5, a + alpha * delta, b - (1 - alpha) * delta).astype(a.dtype)
     return jax.tree.map(lerp, params_a, params_b)
 
 
@@ -306,7 +306,7 @@ def instability(trainer: Trainer, rewind_steps, *, level: int = 0, alphas=DEFAUL
 
 
 def path_rows(seeds, rewind_step: int, level: int, path: dict, alphas) -> list[dict]:
-    return [{"seed": seed, "rewind": rewind_step, "level": level, "density": density, "split": split,
+    return [{"seed": seed, "rewind": rewind_step, "level": level, "density": round(density, 6), "split": split,
              "alpha": alpha, "error": errors[a][s]}
             for seed, density, errors in zip(seeds, path["densities"], path["errors"])
             for s, split in enumerate(SPLITS) for a, alpha in enumerate(alphas)]
@@ -339,6 +339,10 @@ def summarize(barrier_rows: list[dict]) -> dict:
     return out
 
 
+def barrier_rows_density(barrier_rows: list[dict], level: int) -> float:
+    return float(np.mean([r["density"] for r in barrier_rows if r["level"] == level]))
+
+
 def plot(barrier_rows: list[dict], along: list[dict], path: str, title: str) -> str:
     """Left: barrier vs k (symlog x, so k=0 shows), mean +- std over seeds, per level and split.
     Right: mean test error along the path for each (level, k)."""
@@ -348,12 +352,15 @@ def plot(barrier_rows: list[dict], along: list[dict], path: str, title: str) -> 
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     steps = sorted({r["rewind"] for r in barrier_rows})
-    for (level, split), points in summarize(barrier_rows).items():
+    levels = sorted({r["level"] for r in barrier_rows})
+    color = lambda i: plt.get_cmap("tab10")(i % 10)
+    for (level, split), points in summarize(barrier_rows).items():  # colour: level; line: split
         k, mean, std = (np.array([p[i] for p in points]) for i in range(3))
-        name = "dense" if level == 0 else f"level {level}"
-        line, = left.plot(k, 100 * mean, marker="o", ms=4, ls="-" if split == "test" else "--",
-                          label=f"{name}, {split}")
-        left.fill_between(k, 100 * (mean - std), 100 * (mean + std), color=line.get_color(), alpha=0.2)
+        name = "dense" if level == 0 else f"level {level} ({100 * barrier_rows_density(barrier_rows, level):.1f}% left)"
+        c = color(levels.index(level))
+        left.plot(k, 100 * mean, marker="o", ms=4, color=c, ls="-" if split == "test" else "--",
+                  label=f"{name}, {split}")
+        left.fill_between(k, 100 * (mean - std), 100 * (mean + std), color=c, alpha=0.15)
     positive = [k for k in steps if k > 0]
     left.set_xscale("symlog", linthresh=min(positive) if positive else 1)
     left.set_xticks(steps, [str(k) for k in steps])
@@ -367,11 +374,12 @@ def plot(barrier_rows: list[dict], along: list[dict], path: str, title: str) -> 
     for row in along:
         if row["split"] == "test":
             curves.setdefault((row["level"], row["rewind"]), {}).setdefault(row["alpha"], []).append(row["error"])
-    for (level, k), by_alpha in sorted(curves.items()):
+    for (level, k), by_alpha in sorted(curves.items()):  # colour: k; line: level
         alphas = sorted(by_alpha)
         name = "dense" if level == 0 else f"level {level}"
         right.plot(alphas, [100 * np.mean(by_alpha[a]) for a in alphas], marker=".",
-                   ls="-" if level == 0 else "--", label=f"{name}, k={k}")
+                   color=color(steps.index(k)), ls=["-", "--", ":", "-."][levels.index(level) % 4],
+                   label=f"{name}, k={k}")
     right.set_xlabel("interpolation alpha (copy 1 -> copy 2)")
     right.set_ylabel("test error (%)")
     right.set_title("error along the path (mean over seeds)")

@@ -1,5 +1,5 @@
-"""Perturbations of the rewound weights W_k (paper section 4): reinit, sign/magnitude mixes, shuffles,
-Gaussian noise, and the effective std that puts them all on the noise scale.
+"""Perturbations of the rewound weights W_k (paper section 4): reinit, sign/magnitude mixes,
+shuffles, Gaussian noise, and the effective std that puts them all on the noise scale.
 
 Every function is pure on Flax params trees and touches only the kept (mask=True) entries of the
 kernels in the mask; pruned entries, biases, BatchNorm and kernels absent from the mask come back
@@ -23,10 +23,10 @@ PERTURBATIONS = {
     "reinit": "kept weights from a fresh He-normal draw (the classic lottery-ticket control)",
     "reinit_keep_signs": "fresh He-normal magnitudes with the signs of W_k",
     "signs_k_mags_0": "signs of W_k, magnitudes of W_0 (Fig. 4, C)",
-    "signs_k_mags_fresh": "signs of W_k, magnitudes of a fresh init (Fig. 4, D; same op as reinit_keep_signs)",
+    "signs_k_mags_fresh": "signs of W_k, fresh-init magnitudes (Fig. 4, D; = reinit_keep_signs)",
     "signs_0_mags_k": "signs of W_0, magnitudes of W_k (Fig. 4, E)",
     "shuffle_layer": "permute the kept values within each layer (Fig. 5a)",
-    "shuffle_layer_keep_signs": "permute kept magnitudes within each layer, each position keeps its sign (Fig. 5b)",
+    "shuffle_layer_keep_signs": "permute kept magnitudes within each layer, signs stay (Fig. 5b)",
     "shuffle_filter": "permute the kept values within each output channel",
     "shuffle_filter_keep_signs": "permute kept magnitudes within each output channel, signs stay",
     "noise": "add N(0, (scale * sigma_l)^2) to the kept weights of layer l (Fig. 6)",
@@ -59,6 +59,14 @@ def _sign(x: jax.Array) -> jax.Array:
     return jnp.where(x < 0, -1, 1).astype(x.dtype)
 
 
+def _draw(sampler, key, i: int, w: jax.Array) -> jax.Array:
+    """Layer i's random array shaped like w, from fold_in(key, i).
+
+    Drawn flat and reshaped: XLA:CPU compiles threefry on 4-D shapes several times slower.
+    """
+    return sampler(jax.random.fold_in(key, i), (w.size,), w.dtype).reshape(w.shape)
+
+
 def _per_layer(sigma, mask) -> dict:
     """{path: sigma_l} from a per-layer tree shaped like the mask, or one scalar for every layer."""
     if isinstance(sigma, Mapping):
@@ -82,7 +90,7 @@ def reinit(key, params, mask, keep_signs: bool = False):
     sigma = _per_layer(init_std(params, mask), mask)
 
     def fresh(i, path, w, m):
-        draw = sigma[path] * jax.random.normal(jax.random.fold_in(key, i), w.shape, w.dtype)
+        draw = sigma[path] * _draw(jax.random.normal, key, i, w)
         return jnp.abs(draw) * _sign(w) if keep_signs else draw
 
     return _map_kernels(fresh, params, mask)
@@ -99,16 +107,16 @@ def mix_signs_magnitudes(base, signs_from, magnitudes_from, mask):
                         base, mask, signs_from, magnitudes_from)
 
 
-def _shuffle_kept(key, w: jax.Array, m: jax.Array) -> jax.Array:
-    """1-D w with its kept entries randomly permuted among the kept positions.
+def _shuffle_kept(u: jax.Array, w: jax.Array, m: jax.Array) -> jax.Array:
+    """1-D w with its kept entries permuted among the kept positions in the order of sort keys u.
 
-    The kept count is data-dependent, so nothing is sliced: kept entries get uniform sort keys and
-    pruned ones +inf, so `source` lists the kept positions in random order followed by the pruned
-    ones in index order (stable sort); `slots` lists the kept positions in index order followed by
-    the same pruned ones. Scattering w[source] into slots is a permutation that maps kept to kept
-    at random and every pruned position to itself.
+    The kept count is data-dependent, so nothing is sliced: kept entries get their uniform sort
+    keys u and pruned ones +inf, so `source` lists the kept positions in random order followed by
+    the pruned ones in index order (stable sort); `slots` lists the kept positions in index order
+    followed by the same pruned ones. Scattering w[source] into slots is a permutation that maps
+    kept to kept at random and every pruned position to itself.
     """
-    source = jnp.argsort(jnp.where(m, jax.random.uniform(key, w.shape), jnp.inf), stable=True)
+    source = jnp.argsort(jnp.where(m, u, jnp.inf), stable=True)
     slots = jnp.argsort(~m, stable=True)
     return w.at[slots].set(w[source])
 
@@ -124,13 +132,12 @@ def shuffle(key, params, mask, within: str = "layer", keep_signs: bool = False):
 
     def permute(i, path, w, m):
         values = jnp.abs(w) if keep_signs else w
-        layer_key = jax.random.fold_in(key, i)
-        if within == "layer":
-            moved = _shuffle_kept(layer_key, values.ravel(), m.ravel()).reshape(w.shape)
-        else:
-            columns = values.reshape(-1, w.shape[-1]).T, m.reshape(-1, w.shape[-1]).T
-            keys = jax.random.split(layer_key, w.shape[-1])
-            moved = jax.vmap(_shuffle_kept)(keys, *columns).T.reshape(w.shape)
+        u = _draw(jax.random.uniform, key, i, w)
+        if True:
+            moved = _shuffle_kept(u.ravel(), values.ravel(), m.ravel()).reshape(w.shape)
+        else:  # one row per filter: (out_channels, everything else)
+            rows = (x.reshape(-1, w.shape[-1]).T for x in (u, values, m))
+            moved = jax.vmap(_shuffle_kept)(*rows).T.reshape(w.shape)
         return moved * _sign(w) if keep_signs else moved
 
     return _map_kernels(permute, params, mask)
@@ -141,8 +148,7 @@ def gaussian_noise(key, params, mask, scale, sigma):
     sigma = _per_layer(sigma, mask)
 
     def noisy(i, path, w, m):
-        noise = jax.random.normal(jax.random.fold_in(key, i), w.shape, w.dtype)
-        return w + scale * sigma[path] * noise
+        return w + scale * sigma[path] * _draw(jax.random.normal, key, i, w)
 
     return _map_kernels(noisy, params, mask)
 
@@ -180,7 +186,8 @@ _DISPATCH = {
     "shuffle_layer": lambda key, w_k, w_0, mask: shuffle(key, w_k, mask, "layer"),
     "shuffle_layer_keep_signs": lambda key, w_k, w_0, mask: shuffle(key, w_k, mask, "layer", True),
     "shuffle_filter": lambda key, w_k, w_0, mask: shuffle(key, w_k, mask, "filter"),
-    "shuffle_filter_keep_signs": lambda key, w_k, w_0, mask: shuffle(key, w_k, mask, "filter", True),
+    "shuffle_filter_keep_signs": lambda key, w_k, w_0, mask: shuffle(key, w_k, mask, "filter",
+                                                                     True),
 }
 
 

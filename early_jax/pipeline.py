@@ -7,7 +7,6 @@ import re
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
 from early_jax import config as cfg
 from early_jax import masks
@@ -93,8 +92,7 @@ def rewind(trainer: Trainer, states_k: TrainState, mask) -> TrainState:
     """Params and BatchNorm statistics of step k, masked; a fresh optimizer; the schedule goes on
     from step k because it reads the state's step."""
     params = jax.jit(jax.vmap(masks.apply_mask))(states_k.params, mask)
-    fresh = trainer.fresh_optimizer(states_k.replace(params=params, mask=mask))
-    return jax.tree.map(jnp.copy, fresh)  # training donates its input; states_k serves more levels
+    return trainer.fresh_optimizer(states_k.replace(params=params, mask=mask))
 
 
 def prune_next(trainer: Trainer, states: TrainState):

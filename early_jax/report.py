@@ -130,3 +130,34 @@ def plot_telemetry(rows: list[dict], path: str, title: str, subnet: bool = False
         axes[0, 3].plot(steps, mean, lw=0.8)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_vs_pretraining(rows: list[dict], references: dict, levels: list[int], path: str,
+                        title: str) -> str:
+    """Test accuracy at fixed sparsity levels vs pre-training epochs (the paper's Fig. 7), with
+    supervised IMP references ({label: rows}, e.g. rewind to 0 and to k) as dashed lines."""
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.6 * len(levels), 3.8), squeeze=False)
+    for ax, level in zip(axes[0], levels):
+        for task in sorted({r["task"] for r in rows}):
+            cells = defaultdict(list)
+            for r in rows:
+                if r["task"] == task and r["level"] == level:
+                    cells[r["pretrain_epochs"]].append(100 * r["accuracy"])
+            epochs = sorted(cells)
+            mean = np.array([np.mean(cells[e]) for e in epochs])
+            std = np.array([np.std(cells[e]) for e in epochs])
+            line, = ax.plot(epochs, mean, marker="o", label=task)
+            ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        for color, (label, ref_rows) in zip(("0.3", "C3", "C2", "C4"), references.items()):
+            values = [100 * r["accuracy"] for r in ref_rows if r["level"] == level]
+            if values:
+                ax.axhline(np.mean(values), ls="--", color=color, label=label)
+        density = [r["density"] for r in rows if r["level"] == level]
+        ax.set_title(f"{100 * np.mean(density):.1f}% of weights remaining" if density else f"level {level}")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("pre-training epochs")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -14,6 +14,8 @@ import os
 import time
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from early_jax import progress as prog
@@ -94,7 +96,8 @@ def run(trainer: Trainer, run_dir: RunDir, *, description: dict, initial: Callab
         return run_dir.restore(end, target), run_dir.result()
     resume_step = run_dir.latest_step()
     if resume_step is None:
-        states = initial()
+        # training donates its input; `initial()` may share buffers with states the caller reuses
+        states = jax.tree.map(jnp.copy, initial())
     else:
         states = run_dir.restore(resume_step, target)
         print(f"[{label}] resuming from step {resume_step} ({run_dir.path})", flush=True)

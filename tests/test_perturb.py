@@ -16,27 +16,33 @@ RANDOM = [n for n in perturb.PERTURBATIONS if n not in ("signs_k_mags_0", "signs
 
 
 def random_tree(seed, shapes=SHAPES):
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [jax.random.normal(k, s) for k, s in zip(keys, leaves)])
+    """Standard-normal leaves from numpy (cheap: no per-shape compile of JAX's PRNG)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes,
+                        is_leaf=lambda x: isinstance(x, tuple))
 
 
 def setup(seed=0, shapes=SHAPES):
-    """(w_k, w_0, mask): two masked random trees sharing a ~50% random mask."""
-    params = random_tree(seed, shapes)
-    mask = masks.random_prune(jax.random.key(seed + 100), masks.prunable_mask(params), 0.5,
-                              scope="layerwise")
-    return masks.apply_mask(params, mask), masks.apply_mask(random_tree(seed + 1, shapes), mask), mask
+    """(w_k, w_0, mask): two masked random trees sharing a random ~50% mask.
+
+    The mask keeps the larger half of each layer of an independent random tree, so it is uniform.
+    """
+    scores = random_tree(seed + 100, shapes)
+    mask = masks.magnitude_prune(scores, masks.prunable_mask(scores), 0.5, scope="layerwise")
+    w_k, w_0 = (masks.apply_mask(random_tree(s, shapes), mask) for s in (seed, seed + 1))
+    return w_k, w_0, mask
 
 
 def kernels(tree, mask):
-    return {p: (np.asarray(w), np.asarray(m)) for p, (w, m) in masks.masked_kernels(tree, mask).items()}
+    """{path: (kernel, mask)} as numpy arrays."""
+    return {p: (np.asarray(w), np.asarray(m))
+            for p, (w, m) in masks.masked_kernels(tree, mask).items()}
 
 
 def untouched(tree):
     """{path: leaf} for every leaf that is not a prunable kernel (biases, BatchNorm)."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat if "kernel" not in jax.tree_util.keystr(k)}
+    flat = [(jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return {k: np.asarray(v) for k, v in flat if "kernel" not in k}
 
 
 def test_init_std_is_he_fan_in():
@@ -74,10 +80,11 @@ def test_shuffle_keep_signs_keeps_every_sign_and_permutes_magnitudes(within):
 
 
 def test_shuffle_gives_identical_layers_independent_permutations():
-    w = jax.random.normal(jax.random.key(0), (6, 5))
-    m = jax.random.bernoulli(jax.random.key(1), 0.5, (6, 5))
-    params, mask = {"a": {"kernel": w}, "b": {"kernel": w}}, {"a": {"kernel": m}, "b": {"kernel": m}}
-    out = perturb.shuffle(jax.random.key(2), masks.apply_mask(params, mask), mask)
+    rng = np.random.default_rng(0)
+    w, m = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32), jnp.asarray(rng.random((6, 5)) < 0.5)
+    mask = {"a": {"kernel": m}, "b": {"kernel": m}}
+    params = masks.apply_mask({"a": {"kernel": w}, "b": {"kernel": w}}, mask)
+    out = perturb.shuffle(jax.random.key(2), params, mask)
     assert not np.array_equal(out["a"]["kernel"], out["b"]["kernel"])
 
 
@@ -100,7 +107,8 @@ def test_mixes_take_signs_and_magnitudes_from_the_right_sources():
     w_k, w_0, mask = setup()
     key = jax.random.key(4)
     fresh = perturb.reinit(key, w_k, mask)
-    cases = {"signs_k_mags_0": (w_k, w_0), "signs_0_mags_k": (w_0, w_k), "signs_k_mags_fresh": (w_k, fresh)}
+    cases = {"signs_k_mags_0": (w_k, w_0), "signs_0_mags_k": (w_0, w_k),
+             "signs_k_mags_fresh": (w_k, fresh)}
     for name, (signs, mags) in cases.items():
         out = perturb.apply(name, key, w_k, w_0, mask)
         for p, (v, m) in kernels(out, mask).items():
@@ -108,8 +116,9 @@ def test_mixes_take_signs_and_magnitudes_from_the_right_sources():
             np.testing.assert_array_equal(v[m], np.sign(s[m]) * np.abs(a[m]))
             assert np.all(v[~m] == 0)
         jax.tree.map(np.testing.assert_array_equal, untouched(out), untouched(w_k))
-    jax.tree.map(np.testing.assert_array_equal, perturb.apply("signs_k_mags_fresh", key, w_k, w_0, mask),
-                 perturb.apply("reinit_keep_signs", key, w_k, w_0, mask))
+    names = ("signs_k_mags_fresh", "reinit_keep_signs")
+    same_op = [perturb.apply(n, key, w_k, w_0, mask) for n in names]
+    jax.tree.map(np.testing.assert_array_equal, *same_op)
 
 
 def test_mix_takes_non_kept_entries_from_base_and_counts_zero_as_positive():
@@ -164,24 +173,27 @@ def test_same_key_same_result_other_key_different(name):
     w_k, w_0, mask = setup()
     run = lambda seed: perturb.apply(name, jax.random.key(seed), w_k, w_0, mask, scale=1.0)
     jax.tree.map(np.testing.assert_array_equal, run(8), run(8))
-    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(run(8)), jax.tree.leaves(run(9))))
+    pairs = zip(jax.tree.leaves(run(8)), jax.tree.leaves(run(9)))
+    assert not all(np.array_equal(a, b) for a, b in pairs)
 
 
 def test_vmap_over_seeds_equals_per_seed_calls():
     seeds = [setup(s) for s in range(3)]
-    w_k, w_0, mask = (jax.tree.map(lambda *x: jnp.stack(x), *[s[i] for s in seeds]) for i in range(3))
+    stack = lambda i: jax.tree.map(lambda *x: jnp.stack(x), *[s[i] for s in seeds])
+    w_k, w_0, mask = stack(0), stack(1), stack(2)
     keys = jax.random.split(jax.random.key(10), 3)
 
     def all_of_them(key, w_k, w_0, mask):
-        outs = {name: perturb.apply(name, key, w_k, w_0, mask, scale=1.5) for name in perturb.PERTURBATIONS}
-        outs["effective_std"] = perturb.effective_std(w_k, outs["noise"], mask, perturb.init_std(w_k, mask))
+        outs = {n: perturb.apply(n, key, w_k, w_0, mask, scale=1.5) for n in perturb.PERTURBATIONS}
         outs["init_std"] = perturb.init_std(w_k, mask)
+        outs["effective_std"] = perturb.effective_std(w_k, outs["noise"], mask, outs["init_std"])
         return outs
 
     batched = jax.jit(jax.vmap(all_of_them))(keys, w_k, w_0, mask)
     for i, (wk, w0, m) in enumerate(seeds):
         single = all_of_them(keys[i], wk, w0, m)
-        jax.tree.map(lambda b, s: np.testing.assert_allclose(b[i], s, rtol=1e-5, atol=1e-6), batched, single)
+        jax.tree.map(lambda b, s: np.testing.assert_allclose(b[i], s, rtol=1e-5, atol=1e-6),
+                     batched, single)
 
 
 def test_apply_rejects_unknown_names_and_noise_without_scale():

@@ -16,13 +16,12 @@ import numpy as np
 
 @flax.struct.dataclass
 class TrainArrays:
-    """What the train step reads: images, the labels of the current task, optional quarter turns."""
+    """What the train step reads: images and the labels of the current task."""
 
     images: jax.Array            # uint8 [N, H, W, C]
     labels: jax.Array            # int32 [N]: true labels, fixed random labels, or rotation classes
     mean: jax.Array              # float32 [C], pixel units in [0, 1]
     std: jax.Array               # float32 [C]
-    quarter_turns: jax.Array | None = None  # int32 [N]: rotate example i by 90 * turns[i] degrees
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +31,8 @@ class Preprocess:
     augment: bool = True         # pad-4 random crop and horizontal flip
     crop_padding: int = 4
     blur_factor: int = 1         # >1: downsample by this factor and upsample back (antialiased)
+    random_rotation: bool = False  # rotate each example by a fresh random quarter turn each time it
+                                   # is seen, and use the turn as its label (rotation prediction)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -101,15 +102,16 @@ def train_batch(arrays: TrainArrays, prep: Preprocess, permutation: jax.Array, p
     The order (rotate, then flip and crop, then blur, then normalise) is that of the paper's code.
     """
     idx = batch_indices(permutation, position, batch_size)
-    images = arrays.images[idx]
-    if arrays.quarter_turns is not None:
-        images = rotate_quarter_turns(images, arrays.quarter_turns[idx])
+    images, labels = arrays.images[idx], arrays.labels[idx]
+    if prep.random_rotation:
+        labels = jax.random.randint(jax.random.fold_in(augment_key, 2), (batch_size,), 0, 4)
+        images = rotate_quarter_turns(images, labels)
     if prep.augment:
         crop_key, flip_key = jax.random.split(augment_key)
         images = random_flip(flip_key, random_crop(crop_key, images, prep.crop_padding))
     if prep.blur_factor > 1:
         images = blur(images.astype(jnp.float32) / 255.0, prep.blur_factor)
-    return normalize(images, arrays.mean, arrays.std), arrays.labels[idx]
+    return normalize(images, arrays.mean, arrays.std), labels
 
 
 def fixed_random_labels(labels: np.ndarray, num_classes: int, fraction: float, seed: int) -> np.ndarray:
@@ -124,3 +126,12 @@ def fixed_random_labels(labels: np.ndarray, num_classes: int, fraction: float, s
 def fixed_quarter_turns(num_examples: int, seed: int) -> np.ndarray:
     """One rotation class in {0,1,2,3} per example, drawn once (not redrawn per epoch)."""
     return np.random.default_rng(seed).integers(0, 4, num_examples).astype(np.int32)
+
+
+def rotate_host(images: np.ndarray, turns: np.ndarray) -> np.ndarray:
+    """Host-side exact rotation of each example by its own quarter turns (fixed-rotation tasks)."""
+    out = np.empty_like(images)
+    for k in range(4):
+        chosen = turns % 4 == k
+        out[chosen] = np.rot90(images[chosen], k, axes=(1, 2))
+    return out

@@ -1,0 +1,221 @@
+"""Pre-training under a changed task, then IMP from the pre-trained state (the paper's Section 5).
+
+Tasks (combinable with '+'): fixed random labels, blurred inputs, rotation prediction (a 4-way head
+during pre-training, replaced by a freshly initialised head afterwards), and a random subset of the
+training data. The pre-trained state W_P is the rewinding point of IMP on the real task. By default
+pre-training *replaces* the first P epochs of the main run (the schedule and data order continue
+from step P * steps_per_epoch, as the paper's code does); `offset="none"` trains the full run after.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from early_jax import masks, models, pipeline
+from early_jax.config import to_steps
+from early_jax.data.device import (Preprocess, blur, fixed_quarter_turns, fixed_random_labels,
+                                   rotate_host)
+from early_jax.data.record import Dataset
+from early_jax.errors import UserError
+from early_jax.runner import RunDir, run
+from early_jax.train import Trainer, TrainState, seed_keys
+
+TASK_PARTS = ("random_labels", "blur", "rotation", "subset")
+OFFSETS = ("replace", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    random_labels: float = 0.0   # fraction of training labels replaced by fixed random classes
+    blur: int = 1                # blur factor (the paper: 4, i.e. 32 -> 8 -> 32 pixels)
+    rotation: str = ""           # "" | "fixed" (one quarter turn per example) | "redraw" (each visit)
+    subset: float = 1.0          # fraction of the training set kept
+
+    @property
+    def name(self) -> str:
+        parts = [f"random_labels{self.random_labels:g}" * bool(self.random_labels),
+                 f"blur{self.blur}" * (self.blur > 1), f"rotation_{self.rotation}" * bool(self.rotation),
+                 f"subset{self.subset:g}" * (self.subset < 1)]
+        return "+".join(p for p in parts if p) or "supervised"
+
+
+def parse_task(text: str, *, label_fraction: float = 1.0, blur_factor: int = 4,
+               rotation: str = "fixed", subset_fraction: float = 0.1) -> Task:
+    """'blur', 'rotation', 'random_labels', 'subset' or combinations like 'blur+rotation'."""
+    parts = [p.strip() for p in text.split("+") if p.strip()]
+    unknown = [p for p in parts if p not in TASK_PARTS]
+    if unknown or not parts:
+        raise UserError(f"unknown pre-training task {text!r}: combine {', '.join(TASK_PARTS)} with '+'")
+    if rotation not in ("fixed", "redraw"):
+        raise UserError(f"--rotation must be fixed or redraw, got {rotation!r}")
+    if not 0 < subset_fraction <= 1 or not 0 < label_fraction <= 1 or blur_factor < 2:
+        raise UserError("need 0 < --subset_fraction <= 1, 0 < --label_fraction <= 1, --blur_factor >= 2")
+    return Task(random_labels=label_fraction if "random_labels" in parts else 0.0,
+                blur=blur_factor if "blur" in parts else 1,
+                rotation=rotation if "rotation" in parts else "",
+                subset=subset_fraction if "subset" in parts else 1.0)
+
+
+def blur_host(images: np.ndarray, factor: int) -> np.ndarray:
+    """Blurred uint8 copies (for evaluating a blur task on the test set)."""
+    out = blur(jnp.asarray(images, jnp.float32) / 255.0, factor)
+    return np.clip(np.round(np.asarray(out) * 255.0), 0, 255).astype(np.uint8)
+
+
+def task_dataset(task: Task, dataset: Dataset, seed: int) -> Dataset:
+    """The dataset the pre-training sees; its test split is transformed the same way so that the
+    pre-training's own test accuracy means something (rotation: predict the test rotations).
+    Normalisation keeps the real dataset's statistics."""
+    rng = np.random.default_rng(seed)
+    x, y = dataset.x_train, dataset.y_train
+    if task.subset < 1:
+        chosen = np.sort(rng.choice(len(x), max(1, round(task.subset * len(x))), replace=False))
+        x, y = x[chosen], y[chosen]
+    if task.random_labels:
+        y = fixed_random_labels(y, dataset.num_classes, task.random_labels, seed)
+    x_test, y_test, num_classes = dataset.x_test, dataset.y_test, dataset.num_classes
+    if task.rotation:
+        if task.rotation == "fixed":
+            y = fixed_quarter_turns(len(x), seed)
+            x = rotate_host(x, y)
+        y_test = fixed_quarter_turns(len(x_test), seed + 1)
+        x_test, num_classes = rotate_host(x_test, y_test), 4
+    if task.blur > 1:
+        x_test = blur_host(x_test, task.blur)
+    return dataclasses.replace(dataset, name=f"{dataset.name}:{task.name}", x_train=x, y_train=y,
+                               x_test=x_test, y_test=y_test, num_classes=num_classes)
+
+
+def pretrain_trainer(main: Trainer, task: Task, epochs: int) -> Trainer:
+    """A trainer for P epochs of the task; durations are converted with the *main* dataset's steps
+    per epoch, so a subset task still pre-trains for P * steps_per_epoch iterations on the same
+    learning-rate schedule as the main run."""
+    spe = main.steps_per_epoch
+    as_iterations = lambda d: f"{to_steps(d, spe)}it"
+    tc = main.config.train
+    train = dataclasses.replace(tc, duration=f"{epochs * spe}it", save_steps=(),
+                                milestones=tuple(map(as_iterations, tc.milestones)),
+                                warmup=as_iterations(tc.warmup), eval_every=as_iterations(tc.eval_every))
+    config = dataclasses.replace(main.config, train=train)
+    prep = Preprocess(augment=config.data.augment, blur_factor=task.blur,
+                      random_rotation=task.rotation == "redraw")
+    return Trainer(config, task_dataset(task, main.dataset, config.seed), prep=prep, mesh=main.mesh)
+
+
+def widen_mask(mask, params) -> dict:
+    """A mask for `params`: kernels whose shape differs (the 4-way rotation head) are kept whole."""
+    flat_params = jax.tree_util.tree_flatten_with_path(masks.prunable_mask(params))[0]
+    flat_mask = dict(jax.tree_util.tree_flatten_with_path(mask)[0])
+    leaves = [flat_mask[p] if p in flat_mask and flat_mask[p].shape == full.shape else full
+              for p, full in flat_params]
+    return jax.tree.unflatten(jax.tree.structure(masks.prunable_mask(params)), leaves)
+
+
+def fresh_head(main: Trainer, seed) -> dict:
+    """A newly drawn output layer for one seed, from its own stream of the init key."""
+    init_key = jax.random.wrap_key_data(seed_keys(seed)["init"])
+    variables = models.init_variables(main.model, jax.random.fold_in(init_key, 1), main.dataset.image_shape)
+    return variables["params"]["head"]
+
+
+def swap_head(pretrained: dict, head: dict) -> dict:
+    """Keep every pre-trained weight but the head; a head of the right shape is kept as it is."""
+    same = jax.tree.map(lambda a, b: a.shape == b.shape, pretrained["head"], head)
+    return pretrained if all(jax.tree.leaves(same)) else {**pretrained, "head": head}
+
+
+def main_start(main: Trainer, pre: TrainState, start_step: int, mask=None) -> TrainState:
+    """The main run's state after pre-training: pre-trained weights and BatchNorm statistics (head
+    swapped where the task had another output size), a fresh optimizer, the main run's keys (data
+    order continues as the dense run's would from `start_step`), and `mask` (default: dense)."""
+
+    def one(pre_state: TrainState, seed, keep) -> TrainState:
+        base = main.init_one(seed)
+        keep = base.mask if keep is None else keep
+        params = masks.apply_mask(swap_head(pre_state.params, fresh_head(main, seed)), keep)
+        return base.replace(step=jnp.int32(start_step), params=params, batch_stats=pre_state.batch_stats,
+                            opt_state=main.tx.init(params), mask=keep)
+
+    return jax.jit(jax.vmap(one))(pre, jnp.asarray(pipeline.seeds_of(main.config)), mask)
+
+
+def start_step(main: Trainer, epochs: int, offset: str) -> int:
+    if offset not in OFFSETS:
+        raise UserError(f"--offset must be one of {OFFSETS}, got {offset!r}")
+    step = epochs * main.steps_per_epoch if offset == "replace" else 0
+    if step >= main.total_steps:
+        raise UserError(f"{epochs} pre-training epochs replace the whole {main.total_steps}-step run; "
+                        "use fewer epochs or --offset=none")
+    return step
+
+
+def pretrain(main: Trainer, task: Task, epochs: int, root: str, sparse_mask=None) -> TrainState:
+    """Pre-train every seed for `epochs` epochs of `task` (resumable); returns the final states.
+    With `sparse_mask`, only that subnetwork is pre-trained (pruned weights stay zero)."""
+    trainer = pretrain_trainer(main, task, epochs)
+    seeds = pipeline.seeds_of(main.config)
+
+    def initial():
+        states = trainer.init(seeds)
+        if sparse_mask is None:
+            return states
+        wide = jax.vmap(widen_mask)(sparse_mask, states.params)
+        return states.replace(params=jax.jit(jax.vmap(masks.apply_mask))(states.params, wide), mask=wide)
+
+    description = {"kind": "pretrain", "task": dataclasses.asdict(task), "epochs": epochs,
+                   "sparse": sparse_mask is not None, "seeds": seeds}
+    states, _ = run(trainer, RunDir(os.path.join(root, "pretrain")), description=description,
+                    initial=initial, end=trainer.total_steps, label=f"pretrain {task.name} {epochs}ep")
+    return states
+
+
+def study_dir(main: Trainer, dense: RunDir, task: Task, epochs: int, offset: str, sparse: str = "") -> str:
+    return os.path.join(dense.path, "pretrain", f"{task.name}_{epochs}ep_{offset}{sparse}")
+
+
+def pretrain_imp(main: Trainer, task: Task, epochs: int, levels: int, offset: str = "replace"
+                 ) -> list[dict]:
+    """Pre-train, then IMP rewinding to the pre-trained state: one row per (level, seed).
+
+    With 0 epochs the start is W_0, so the rows are those of IMP rewound to step 0 (reused)."""
+    step0 = start_step(main, epochs, offset)
+    tag = {"task": task.name, "pretrain_epochs": epochs}
+    if epochs == 0:
+        return [tag | row for row in pipeline.imp(main, [0], levels)]
+    _, _, dense = pipeline.train_dense(main)
+    root = study_dir(main, dense, task, epochs, offset)
+    pre = pretrain(main, task, epochs, root)
+    start = lambda: main_start(main, pre, step0)
+    identity = {"dense": os.path.basename(dense.path), "pretrain": os.path.basename(root)}
+    level0, result0 = run(main, RunDir(os.path.join(root, "imp", "level0")),
+                          description={"kind": "pretrained_dense", **identity,
+                                       "seeds": pipeline.seeds_of(main.config)},
+                          initial=start, end=main.total_steps, label=f"{task.name} {epochs}ep level 0")
+    chain = pipeline.imp_chain(main, os.path.join(root, "imp"), start, level0, levels, identity,
+                               f"{task.name} {epochs}ep")
+    rows = pipeline.result_rows(0, level0.mask, result0)
+    rows += [row for level, mask, result in chain for row in pipeline.result_rows(level, mask, result)]
+    return [tag | row for row in rows]
+
+
+def sparse_pretrain(main: Trainer, task: Task, epochs: int, level: int, rewind: int,
+                    offset: str = "replace") -> list[dict]:
+    """Pre-train only the subnetwork of IMP `level` (rewinding to `rewind`), then train it on the
+    real task from the pre-trained weights with the same mask: one row per seed."""
+    step0 = start_step(main, epochs, offset)
+    pipeline.imp(main, [rewind], level)
+    dense_states, _, dense = pipeline.train_dense(main)
+    mask = pipeline.level_dir(main, dense, rewind, level).restore(main.total_steps, dense_states).mask
+    root = study_dir(main, dense, task, epochs, offset, f"_sparse_level{level}_k{rewind}")
+    pre = pretrain(main, task, epochs, root, sparse_mask=mask)
+    description = {"kind": "sparse_pretrained", "dense": os.path.basename(dense.path),
+                   "pretrain": os.path.basename(root), "seeds": pipeline.seeds_of(main.config)}
+    states, result = run(main, RunDir(os.path.join(root, "main")), description=description,
+                         initial=lambda: main_start(main, pre, step0, mask), end=main.total_steps,
+                         label=f"sparse {task.name} {epochs}ep")
+    tag = {"task": task.name + "_sparse", "pretrain_epochs": epochs}
+    return [tag | row for row in pipeline.result_rows(level, states.mask, result)]

@@ -1,0 +1,72 @@
+"""Pre-training on random labels, blurred inputs or rotation prediction, then IMP from that point
+(the paper's Section 5, Figs. 7-8).
+
+  python experiments/pretrain.py --task=blur --pretrain_epochs=1,2,4 --levels=3 --num_seeds=2
+  python experiments/pretrain.py --task=rotation --pretrain_epochs=1,2 --sparse_level=3
+  python experiments/pretrain.py --preset=cifar10_resnet20 --task=blur+rotation --pretrain_epochs=1,2,4,8,16,40
+
+Pre-trained states and IMP levels are reused across invocations. Writes results.csv and two plots
+(accuracy vs pre-training epochs at the chosen levels, with the supervised rewind-to-0 and
+rewind-to-k references; accuracy vs sparsity per pre-training length).
+"""
+import os
+
+from early_jax import cli, data, pipeline, pretrain, report
+from early_jax.config import to_steps
+from early_jax.train import Trainer
+
+
+def main(args):
+    config = cli.cfg.config_from_args(args)
+    trainer = Trainer(config, data.load(config.data.name, config.data.data_dir))
+    task = pretrain.parse_task(args.task, label_fraction=args.label_fraction, blur_factor=args.blur_factor,
+                               rotation=args.rotation, subset_fraction=args.subset_fraction)
+    epochs = cli.int_list(args.pretrain_epochs)
+    for e in epochs:
+        pretrain.start_step(trainer, e, args.offset)  # refuses impossible lengths before training
+    rewind = to_steps(args.rewind_iter, trainer.steps_per_epoch)
+    pipeline.check_rewind_steps(trainer, [0, rewind])
+    levels = config.prune.levels
+    print(f"pre-training task {task.name} for {epochs} epoch(s), then IMP with {levels} levels; "
+          f"{config.num_seeds} seed(s); references: IMP rewound to 0 and to {rewind}")
+    references = {f"IMP, rewind to {k}": pipeline.imp(trainer, [k], levels) for k in sorted({0, rewind})}
+    rows = []
+    for e in epochs:
+        if args.sparse_level:
+            rows += pretrain.sparse_pretrain(trainer, task, e, args.sparse_level, rewind, args.offset)
+        else:
+            rows += pretrain.pretrain_imp(trainer, task, e, levels, args.offset)
+    _, _, dense = pipeline.train_dense(trainer)
+    out = os.path.join(dense.path, "pretrain", f"{task.name}_{args.offset}"
+                       + (f"_sparse{args.sparse_level}" if args.sparse_level else ""))
+    report.write_csv(rows, os.path.join(out, "results.csv"))
+    shown = [args.sparse_level] if args.sparse_level else sorted({min(levels, 1), levels} - {0}) or [0]
+    report.plot_vs_pretraining(rows, references, shown, os.path.join(out, "pretrain_vs_epochs.png"),
+                               f"pre-training: {task.name}, {config.model.name}")
+    if not args.sparse_level:
+        by_epochs = [r | {"curve": f"{r['pretrain_epochs']} epochs"} for r in rows]
+        report.plot_accuracy_vs_remaining(by_epochs, "curve", os.path.join(out, "pretrain_curves.png"),
+                                          f"IMP after pre-training on {task.name}")
+    for e in epochs:
+        cells = [r for r in rows if r["pretrain_epochs"] == e]
+        print(f"{e} epoch(s): " + ", ".join(
+            f"level {lv}: {100 * sum(r['accuracy'] for r in cells if r['level'] == lv) / max(1, sum(r['level'] == lv for r in cells)):.2f}%"
+            for lv in sorted({r["level"] for r in cells})))
+    print(f"results: {out}/results.csv, pretrain_vs_epochs.png")
+
+
+if __name__ == "__main__":
+    p = cli.parser(__doc__)
+    p.add_argument("--task", default="blur", help="random_labels, blur, rotation, subset, or a '+' combination")
+    p.add_argument("--pretrain_epochs", default="1,2,4", help="comma-separated pre-training lengths")
+    p.add_argument("--offset", default="replace", choices=pretrain.OFFSETS,
+                   help="replace: pre-training replaces the first P epochs; none: full run after")
+    p.add_argument("--rewind_iter", default="500it", help="the supervised rewinding reference k")
+    p.add_argument("--sparse_level", type=int, default=0,
+                   help="pre-train only the subnetwork of this IMP level (rewound to --rewind_iter)")
+    p.add_argument("--rotation", default="fixed", choices=("fixed", "redraw"),
+                   help="one rotation per example, or a new one each time it is seen")
+    p.add_argument("--blur_factor", type=int, default=4)
+    p.add_argument("--label_fraction", type=float, default=1.0)
+    p.add_argument("--subset_fraction", type=float, default=0.1)
+    cli.main(main, p)

@@ -1,0 +1,238 @@
+"""Speed options must not change results: CPU XLA flags, the compilation cache, the CPU conv fusion
+barrier, bf16 compute, and the automatic choice of seed parallelism."""
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from early_jax import models, runtime, train
+from early_jax.models import cpu_conv, layers
+from early_jax.train import Trainer
+from helpers import TINY_DATA, tiny_config
+
+# A training gradient of convnet_small (16 and 32 features: its convolutions are ones YNNPACK
+# would take without the flag), computed inside lax.map as the Trainer does on CPU, plus two real
+# Trainer steps. Saves the gradients and parameters; prints the flags and the cache hits.
+GRADIENT_RUN = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, sys.argv[2])
+    import early_jax, jax, jax.numpy as jnp, numpy as np
+    from early_jax import data, models, runtime
+    from early_jax.train import Trainer
+    from helpers import tiny_config
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even tiny programs
+    hits = []
+    jax.monitoring.register_event_listener(
+        lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
+    model = models.create("convnet_small")
+    variables = models.init_variables(model, jax.random.key(0), (12, 12, 1))
+    x = jax.random.normal(jax.random.key(1), (32, 12, 12, 1))
+    y = jax.random.randint(jax.random.key(2), (32,), 0, 10)
+
+    def loss(params, bs):
+        logits, _ = model.apply({"params": params, "batch_stats": bs}, x, train=True,
+                                mutable=["batch_stats"])
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1).mean()
+
+    stacked = jax.tree.map(lambda a: jnp.stack([a, 1.5 * a]), variables)
+    grads = jax.jit(lambda v: jax.lax.map(lambda u: jax.grad(loss)(u["params"], u["batch_stats"]),
+                                          v))(stacked)
+    dataset = data.synthetic(num_train=64, num_test=16, shape=(12, 12, 1), num_classes=10)
+    trainer = Trainer(tiny_config(model="convnet_small", batch_size=32, num_seeds=1), dataset)
+    states, _ = trainer.advance(trainer.init([0]), 2)
+    leaves = jax.tree.leaves(grads) + jax.tree.leaves(states.params)
+    np.savez(sys.argv[1], *[np.asarray(a) for a in leaves])
+    print(json.dumps({"xla_flags": os.environ.get("XLA_FLAGS"), "cache_hits": len(hits),
+                      "cache_dir": runtime.describe()["compilation_cache_dir"]}))
+""")
+
+
+def _run_gradients(tmp_path, name, **env):
+    out = tmp_path / f"{name}.npz"
+    full_env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "EARLY_JAX_CACHE")}
+    full_env.update(JAX_PLATFORMS="cpu", **env)
+    proc = subprocess.run([sys.executable, "-c", GRADIENT_RUN, str(out), os.path.dirname(__file__)],
+                          env=full_env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    with np.load(out) as f:
+        return [f[k] for k in sorted(f.files, key=lambda s: int(s.split("_")[1]))], info
+
+
+def _assert_close_relative(reference, other, rtol):
+    for a, b in zip(reference, other):
+        scale = max(float(np.abs(a).max()), 1e-12)
+        assert float(np.abs(a - b).max()) <= rtol * scale, (float(np.abs(a - b).max()), scale)
+
+
+def test_xla_flags_and_compilation_cache_do_not_change_results(tmp_path):
+    """Plain XLA vs the package's flags with a cold cache vs the same with a warm cache."""
+    cache = str(tmp_path / "cache")
+    plain, plain_info = _run_gradients(tmp_path, "plain", XLA_FLAGS="", EARLY_JAX_CACHE="0")
+    cold, cold_info = _run_gradients(tmp_path, "cold", EARLY_JAX_CACHE=cache)
+    warm, warm_info = _run_gradients(tmp_path, "warm", EARLY_JAX_CACHE=cache)
+    assert plain_info["xla_flags"] == "" and plain_info["cache_dir"] is None
+    assert cold_info["xla_flags"] == " ".join(runtime.selected_flags())
+    assert cold_info["cache_dir"] == cache and cold_info["cache_hits"] == 0
+    assert warm_info["cache_hits"] > 0 and os.listdir(cache)
+    assert len(plain) == len(cold) == len(warm)
+    _assert_close_relative(plain, cold, 1e-5)
+    for a, b in zip(cold, warm):
+        np.testing.assert_array_equal(a, b)  # a cached executable is the same program
+
+
+# ----- runtime: which flags, when -----
+@pytest.fixture
+def fresh_runtime(monkeypatch):
+    monkeypatch.setattr(runtime, "_state", {"xla_flags_applied": [], "xla_flags_reason": "",
+                                            "cache_dir": None})
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("EARLY_JAX_XLA_FLAGS", raising=False)
+    monkeypatch.setattr(runtime, "backends_initialized", lambda: False)
+    monkeypatch.setattr(runtime, "_libtpu_installed", lambda: False)
+    return monkeypatch
+
+
+def test_flags_apply_only_to_known_jaxlib_versions(fresh_runtime):
+    fresh_runtime.setattr(runtime, "_installed_versions", lambda: ["0.10.2"])
+    runtime.apply_xla_flags()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+    fresh_runtime.delenv("XLA_FLAGS")
+    fresh_runtime.setattr(runtime, "_installed_versions", lambda: ["0.10.3"])
+    runtime.apply_xla_flags()
+    assert "XLA_FLAGS" not in os.environ  # an unknown flag would abort an unknown jaxlib
+    fresh_runtime.setattr(runtime, "_installed_versions", lambda: ["0.10.2", "0.10.1"])  # old plugin
+    runtime.apply_xla_flags()
+    assert "XLA_FLAGS" not in os.environ
+
+
+def test_user_xla_flags_and_opt_out_are_respected(fresh_runtime):
+    fresh_runtime.setattr(runtime, "_installed_versions", lambda: ["0.10.2"])
+    fresh_runtime.setenv("XLA_FLAGS", "")
+    runtime.apply_xla_flags()
+    assert os.environ["XLA_FLAGS"] == "" and runtime.describe()["xla_flags_applied_by_early_jax"] == []
+    fresh_runtime.delenv("XLA_FLAGS")
+    fresh_runtime.setenv("EARLY_JAX_XLA_FLAGS", "0")
+    runtime.apply_xla_flags()
+    assert "XLA_FLAGS" not in os.environ
+
+
+def test_flags_after_backend_start_only_warn(fresh_runtime):
+    fresh_runtime.setattr(runtime, "_installed_versions", lambda: ["0.10.2"])
+    fresh_runtime.setattr(runtime, "backends_initialized", lambda: True)
+    with pytest.warns(RuntimeWarning, match="not applied"):
+        runtime.apply_xla_flags()
+    assert "XLA_FLAGS" not in os.environ
+
+
+def test_cache_location_and_opt_out(fresh_runtime, tmp_path):
+    calls = {}
+    fresh_runtime.setattr(jax.config, "update", lambda name, value: calls.__setitem__(name, value))
+    fresh_runtime.setattr(jax.config, "jax_compilation_cache_dir", None, raising=False)
+    fresh_runtime.setenv("EARLY_JAX_CACHE", "0")
+    runtime.enable_cache()
+    assert calls == {}
+    fresh_runtime.setenv("EARLY_JAX_CACHE", str(tmp_path / "c"))
+    runtime.enable_cache()
+    assert calls["jax_compilation_cache_dir"] == str(tmp_path / "c") and (tmp_path / "c").is_dir()
+    fresh_runtime.delenv("EARLY_JAX_CACHE")
+    fresh_runtime.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    runtime.enable_cache()
+    assert calls["jax_compilation_cache_dir"] == str(tmp_path / "xdg" / "early_jax" / "jax")
+
+
+# ----- the CPU conv fusion barrier -----
+def _model_and_batch():
+    model = models.create("convnet_small")
+    variables = models.init_variables(model, jax.random.key(0), (12, 12, 1))
+    x = jax.random.normal(jax.random.key(1), (16, 12, 12, 1))
+    y = jax.random.randint(jax.random.key(2), (16,), 0, 10)
+    return model, variables, x, y
+
+
+def _seed_grads(model, variables, x, y, parallel):
+    def loss(v):
+        logits, _ = model.apply(v, x, train=True, mutable=["batch_stats"])
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1).mean()
+    stacked = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a]), variables)
+    if parallel == "vmap":
+        return jax.jit(jax.vmap(jax.grad(loss)))(stacked)
+    return jax.jit(lambda v: jax.lax.map(jax.grad(loss), v))(stacked)
+
+
+def test_conv_barrier_changes_no_number_under_map_and_vmap(monkeypatch):
+    assert layers.conv_impl() is cpu_conv.flax_conv_fn_with_barrier  # the CPU default
+    _, variables, x, y = _model_and_batch()
+    with_barrier = models.create("convnet_small")
+    monkeypatch.setenv("EARLY_JAX_CONV_BARRIER", "0")
+    without = models.create("convnet_small")
+    for parallel in ("map", "vmap"):
+        a = _seed_grads(with_barrier, variables, x, y, parallel)
+        b = _seed_grads(without, variables, x, y, parallel)
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
+
+
+def _computation_bodies(hlo: str) -> dict[str, str]:
+    """HLO computation name -> its text."""
+    bodies, name, lines = {}, None, []
+    for line in hlo.splitlines():
+        match = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if match and not line.startswith(" "):
+            name, lines = match.group(1), []
+        elif line.startswith("}") and name:
+            bodies[name] = "\n".join(lines)
+            name = None
+        elif name:
+            lines.append(line)
+    return bodies
+
+
+def test_compiled_step_has_one_barrier_per_conv_and_no_conv_in_ynn():
+    model, variables, x, y = _model_and_batch()
+
+    def loss(v):
+        logits, _ = model.apply(v, x, train=True, mutable=["batch_stats"])
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1).mean()
+    stacked = jax.tree.map(lambda a: a[None], variables)
+    hlo = jax.jit(lambda v: jax.lax.map(jax.grad(loss), v)).lower(stacked).compile().as_text()
+    num_convs = sum(1 for k in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+                    if "conv" in jax.tree_util.keystr(k[0]))
+    assert num_convs == 2
+    assert hlo.count(" conditional(") == num_convs  # the barriers survived optimisation
+    if not runtime.describe()["xla_flags_applied_by_early_jax"]:
+        pytest.skip("the package's XLA flags are not applied in this process (XLA_FLAGS is set)")
+    bodies = _computation_bodies(hlo)
+    ynn = re.findall(r"calls=%([\w.\-]+).*__ynn_fusion", hlo)
+    assert bodies and all(name in bodies for name in ynn)
+    assert not [name for name in ynn if "convolution(" in bodies[name]]
+    assert hlo.count("convolution(") >= 2 * num_convs  # forward and kernel-gradient convolutions
+
+
+# ----- bf16 and seed parallelism -----
+def test_bfloat16_compute_trains_with_float32_state():
+    config = tiny_config(compute_dtype="bfloat16", num_seeds=1)
+    trainer = Trainer(config, TINY_DATA)
+    states, metrics = trainer.advance(trainer.init([0]), 24)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(states.params))
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(states.opt_state)
+               if jnp.issubdtype(a.dtype, jnp.floating))
+    loss = metrics["loss"][:, 0]
+    assert np.isfinite(loss).all() and loss[-4:].mean() < 0.7 * loss[:4].mean()
+
+
+def test_seed_parallel_auto_is_map_on_cpu_and_vmap_on_accelerators(monkeypatch):
+    assert train.resolve_seed_parallel("auto") == "map"
+    for backend in ("gpu", "tpu", "cuda", "rocm"):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert train.resolve_seed_parallel("auto") == "vmap"
+        assert train.resolve_seed_parallel("map") == "map"
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert train.resolve_seed_parallel("vmap") == "vmap"
