@@ -133,12 +133,12 @@ def shuffle(key, params, mask, within: str = "layer", keep_signs: bool = False):
     def permute(i, path, w, m):
         values = jnp.abs(w) if keep_signs else w
         u = _draw(jax.random.uniform, key, i, w)
-        if True:
+        if within == "layer":
             moved = _shuffle_kept(u.ravel(), values.ravel(), m.ravel()).reshape(w.shape)
         else:  # one row per filter: (out_channels, everything else)
             rows = (x.reshape(-1, w.shape[-1]).T for x in (u, values, m))
             moved = jax.vmap(_shuffle_kept)(*rows).T.reshape(w.shape)
-        return moved * _sign(w) if keep_signs else moved
+        return moved
 
     return _map_kernels(permute, params, mask)
 

@@ -112,12 +112,16 @@ def default_cache_dir() -> str:
     return os.path.join(base, "early_jax", "jax")
 
 
+def _jax_cache_dir():
+    return jax.config.jax_compilation_cache_dir
+
+
 def enable_cache() -> None:
     setting = os.environ.get("EARLY_JAX_CACHE", "")
     if setting.lower() in ("0", "false", "no", "off"):
         return
-    if jax.config.jax_compilation_cache_dir:  # configured through JAX itself: keep it
-        _state["cache_dir"] = jax.config.jax_compilation_cache_dir
+    if _jax_cache_dir():  # configured through JAX itself: keep it
+        _state["cache_dir"] = _jax_cache_dir()
         return
     path = os.path.expanduser(setting) if setting and setting not in ("1", "true", "on") else default_cache_dir()
     try:

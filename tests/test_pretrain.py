@@ -80,6 +80,7 @@ def test_main_run_starts_at_the_chosen_schedule_offset(main, monkeypatch):
     assert pretrain.start_step(main, 1, "none") == 0
     with pytest.raises(UserError, match="replace the whole"):
         pretrain.start_step(main, 4, "replace")
+    pipeline.train_dense(main)
     starts, real = [], main.advance
     monkeypatch.setattr(main, "advance", lambda s, e, c=None: starts.append(current_step(s)) or real(s, e, c))
     rows = pretrain.pretrain_imp(main, pretrain.parse_task("blur"), 1, levels=1)

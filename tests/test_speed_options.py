@@ -135,7 +135,7 @@ def test_flags_after_backend_start_only_warn(fresh_runtime):
 def test_cache_location_and_opt_out(fresh_runtime, tmp_path):
     calls = {}
     fresh_runtime.setattr(jax.config, "update", lambda name, value: calls.__setitem__(name, value))
-    fresh_runtime.setattr(jax.config, "jax_compilation_cache_dir", None, raising=False)
+    fresh_runtime.setattr(runtime, "_jax_cache_dir", lambda: None)
     fresh_runtime.setenv("EARLY_JAX_CACHE", "0")
     runtime.enable_cache()
     assert calls == {}
@@ -157,14 +157,18 @@ def _model_and_batch():
     return model, variables, x, y
 
 
-def _seed_grads(model, variables, x, y, parallel):
-    def loss(v):
-        logits, _ = model.apply(v, x, train=True, mutable=["batch_stats"])
-        return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1).mean()
-    stacked = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a]), variables)
+def _loss(model, v, x, y):
+    logits, _ = model.apply(v, x, train=True, mutable=["batch_stats"])
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1).mean()
+
+
+def _seed_grads_fn(model, parallel):
+    """Gradients of two seeds' losses on a shared batch, as the Trainer runs seeds on CPU (lax.map)
+    or on accelerators (vmap)."""
+    grad = jax.grad(lambda v, x, y: _loss(model, v, x, y))
     if parallel == "vmap":
-        return jax.jit(jax.vmap(jax.grad(loss)))(stacked)
-    return jax.jit(lambda v: jax.lax.map(jax.grad(loss), v))(stacked)
+        return jax.jit(jax.vmap(grad, (0, None, None)))
+    return jax.jit(lambda v, x, y: jax.lax.map(lambda u: grad(u, x, y), v))
 
 
 def test_conv_barrier_changes_no_number_under_map_and_vmap(monkeypatch):
@@ -173,9 +177,10 @@ def test_conv_barrier_changes_no_number_under_map_and_vmap(monkeypatch):
     with_barrier = models.create("convnet_small")
     monkeypatch.setenv("EARLY_JAX_CONV_BARRIER", "0")
     without = models.create("convnet_small")
+    stacked = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a]), variables)
     for parallel in ("map", "vmap"):
-        a = _seed_grads(with_barrier, variables, x, y, parallel)
-        b = _seed_grads(without, variables, x, y, parallel)
+        a = _seed_grads_fn(with_barrier, parallel)(stacked, x, y)
+        b = _seed_grads_fn(without, parallel)(stacked, x, y)
         for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
 
@@ -197,12 +202,8 @@ def _computation_bodies(hlo: str) -> dict[str, str]:
 
 def test_compiled_step_has_one_barrier_per_conv_and_no_conv_in_ynn():
     model, variables, x, y = _model_and_batch()
-
-    def loss(v):
-        logits, _ = model.apply(v, x, train=True, mutable=["batch_stats"])
-        return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1).mean()
-    stacked = jax.tree.map(lambda a: a[None], variables)
-    hlo = jax.jit(lambda v: jax.lax.map(jax.grad(loss), v)).lower(stacked).compile().as_text()
+    stacked = jax.tree.map(lambda a: jnp.stack([a, a]), variables)
+    hlo = _seed_grads_fn(model, "map").lower(stacked, x, y).compile().as_text()
     num_convs = sum(1 for k in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
                     if "conv" in jax.tree_util.keystr(k[0]))
     assert num_convs == 2
@@ -218,14 +219,14 @@ def test_compiled_step_has_one_barrier_per_conv_and_no_conv_in_ynn():
 
 # ----- bf16 and seed parallelism -----
 def test_bfloat16_compute_trains_with_float32_state():
-    config = tiny_config(compute_dtype="bfloat16", num_seeds=1)
+    config = tiny_config(compute_dtype="bfloat16", num_seeds=1, lr=0.2, duration="8ep")
     trainer = Trainer(config, TINY_DATA)
-    states, metrics = trainer.advance(trainer.init([0]), 24)
+    states, metrics = trainer.advance(trainer.init([0]), 48)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(states.params))
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(states.opt_state)
                if jnp.issubdtype(a.dtype, jnp.floating))
     loss = metrics["loss"][:, 0]
-    assert np.isfinite(loss).all() and loss[-4:].mean() < 0.7 * loss[:4].mean()
+    assert np.isfinite(loss).all() and loss[-6:].mean() < 0.6 * loss[:6].mean()
 
 
 def test_seed_parallel_auto_is_map_on_cpu_and_vmap_on_accelerators(monkeypatch):
