@@ -70,7 +70,7 @@ def barrier(errors_along_path) -> float:
     Never negative (the ends lie on the path); zero when no point is worse than the worse end.
     """
     errors = np.asarray(errors_along_path, np.float64)
-    return float(errors.max() - (errors[0] + errors[-1]) / 2)
+    return round(float(errors.max() - (errors[0] + errors[-1]) / 2), 12)  # no float dust in tables
 
 
 def interpolate(params_a, params_b, alpha):
@@ -210,7 +210,7 @@ def path_errors(trainer: Trainer, states_a: TrainState, states_b: TrainState,
     correct = np.asarray(program(states_a.params, states_a.batch_stats, states_b.params,
                                  states_b.batch_stats, bn, trainer.test, train), np.float64)
     counts = np.array([float(trainer.test["count"]), float(train["count"])])
-    return 1.0 - correct / counts
+    return (counts - correct) / counts
 
 
 @functools.lru_cache(maxsize=8)

@@ -138,7 +138,7 @@ def shuffle(key, params, mask, within: str = "layer", keep_signs: bool = False):
         else:  # one row per filter: (out_channels, everything else)
             rows = (x.reshape(-1, w.shape[-1]).T for x in (u, values, m))
             moved = jax.vmap(_shuffle_kept)(*rows).T.reshape(w.shape)
-        return moved
+        return moved * _sign(w) if keep_signs else moved
 
     return _map_kernels(permute, params, mask)
 

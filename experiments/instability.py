@@ -51,6 +51,7 @@ def main(args):
                    bn_batches=max(args.bn_batches, 1), train_examples=args.train_examples)
     instability.PathSettings(tuple(options["alphas"]), options["recompute_bn"], options["bn_batches"],
                              options["train_examples"]).check()
+    options["alpha_chunk"] = args.alpha_chunk or None
     levels = [0] + ([args.level] if args.level else [])
     print(f"instability: {config.model.name}, k in {steps}, level(s) {levels}, {config.num_seeds} "
           f"seed(s) x 2 copies, {trainer.total_steps} steps per training, "
@@ -84,4 +85,7 @@ if __name__ == "__main__":
                         "(at most one epoch); 0: interpolate the running statistics instead")
     p.add_argument("--train_examples", type=int, default=10_000,
                    help="size of the fixed training subset on which train error is measured")
+    p.add_argument("--alpha_chunk", type=int, default=0,
+                   help="path points evaluated at once (vmapped); 0: all on accelerators, one at a "
+                        "time on CPU. Lower it if the path evaluation runs out of device memory")
     cli.main(main, p)

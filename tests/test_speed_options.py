@@ -17,53 +17,46 @@ from early_jax.models import cpu_conv, layers
 from early_jax.train import Trainer
 from helpers import TINY_DATA, tiny_config
 
-# A training gradient of convnet_small (16 and 32 features: its convolutions are ones YNNPACK
-# would take without the flag), computed inside lax.map as the Trainer does on CPU, plus two real
-# Trainer steps. Saves the gradients and parameters; prints the flags and the cache hits.
-GRADIENT_RUN = textwrap.dedent("""
+# Two real Trainer steps of convnet_small (16 and 32 features: convolutions YNNPACK would take
+# without the flag; lax.map over seeds, the CPU default). Saves the parameters at steps 0, 1, 2
+# (the step-1 update is -lr * (gradient + weight decay)); prints the flags and the cache hits.
+TRAIN_RUN = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, sys.argv[2])
-    import early_jax, jax, jax.numpy as jnp, numpy as np
-    from early_jax import data, models, runtime
+    import early_jax, jax, numpy as np
+    from early_jax import data, runtime
     from early_jax.train import Trainer
     from helpers import tiny_config
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even tiny programs
     hits = []
     jax.monitoring.register_event_listener(
         lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
-    model = models.create("convnet_small")
-    variables = models.init_variables(model, jax.random.key(0), (12, 12, 1))
-    x = jax.random.normal(jax.random.key(1), (32, 12, 12, 1))
-    y = jax.random.randint(jax.random.key(2), (32,), 0, 10)
-
-    def loss(params, bs):
-        logits, _ = model.apply({"params": params, "batch_stats": bs}, x, train=True,
-                                mutable=["batch_stats"])
-        return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1).mean()
-
-    stacked = jax.tree.map(lambda a: jnp.stack([a, 1.5 * a]), variables)
-    grads = jax.jit(lambda v: jax.lax.map(lambda u: jax.grad(loss)(u["params"], u["batch_stats"]),
-                                          v))(stacked)
     dataset = data.synthetic(num_train=64, num_test=16, shape=(12, 12, 1), num_classes=10)
     trainer = Trainer(tiny_config(model="convnet_small", batch_size=32, num_seeds=1), dataset)
-    states, _ = trainer.advance(trainer.init([0]), 2)
-    leaves = jax.tree.leaves(grads) + jax.tree.leaves(states.params)
-    np.savez(sys.argv[1], *[np.asarray(a) for a in leaves])
+    states = trainer.init([0])
+    saved = [np.asarray(a) for a in jax.tree.leaves(states.params)]
+    for step in (1, 2):
+        states, _ = trainer.advance(states, step)
+        saved += [np.asarray(a) for a in jax.tree.leaves(states.params)]
+    np.savez(sys.argv[1], *saved)
     print(json.dumps({"xla_flags": os.environ.get("XLA_FLAGS"), "cache_hits": len(hits),
-                      "cache_dir": runtime.describe()["compilation_cache_dir"]}))
+                      "cache_dir": runtime.describe()["compilation_cache_dir"],
+                      "num_leaves": len(jax.tree.leaves(states.params))}))
 """)
 
 
-def _run_gradients(tmp_path, name, **env):
+def _run_training(tmp_path, name, **env):
     out = tmp_path / f"{name}.npz"
     full_env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "EARLY_JAX_CACHE")}
     full_env.update(JAX_PLATFORMS="cpu", **env)
-    proc = subprocess.run([sys.executable, "-c", GRADIENT_RUN, str(out), os.path.dirname(__file__)],
+    proc = subprocess.run([sys.executable, "-c", TRAIN_RUN, str(out), os.path.dirname(__file__)],
                           env=full_env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     with np.load(out) as f:
-        return [f[k] for k in sorted(f.files, key=lambda s: int(s.split("_")[1]))], info
+        arrays = [f[k] for k in sorted(f.files, key=lambda s: int(s.split("_")[1]))]
+    n = info["num_leaves"]
+    return [arrays[:n], arrays[n:2 * n], arrays[2 * n:]], info
 
 
 def _assert_close_relative(reference, other, rtol):
@@ -75,16 +68,20 @@ def _assert_close_relative(reference, other, rtol):
 def test_xla_flags_and_compilation_cache_do_not_change_results(tmp_path):
     """Plain XLA vs the package's flags with a cold cache vs the same with a warm cache."""
     cache = str(tmp_path / "cache")
-    plain, plain_info = _run_gradients(tmp_path, "plain", XLA_FLAGS="", EARLY_JAX_CACHE="0")
-    cold, cold_info = _run_gradients(tmp_path, "cold", EARLY_JAX_CACHE=cache)
-    warm, warm_info = _run_gradients(tmp_path, "warm", EARLY_JAX_CACHE=cache)
+    plain, plain_info = _run_training(tmp_path, "plain", XLA_FLAGS="", EARLY_JAX_CACHE="0")
+    cold, cold_info = _run_training(tmp_path, "cold", EARLY_JAX_CACHE=cache)
+    warm, warm_info = _run_training(tmp_path, "warm", EARLY_JAX_CACHE=cache)
     assert plain_info["xla_flags"] == "" and plain_info["cache_dir"] is None
     assert cold_info["xla_flags"] == " ".join(runtime.selected_flags())
     assert cold_info["cache_dir"] == cache and cold_info["cache_hits"] == 0
     assert warm_info["cache_hits"] > 0 and os.listdir(cache)
-    assert len(plain) == len(cold) == len(warm)
-    _assert_close_relative(plain, cold, 1e-5)
-    for a, b in zip(cold, warm):
+    for a, b in zip(plain[0], cold[0]):
+        np.testing.assert_array_equal(a, b)  # same initialisation
+    # First update = -lr * (gradient + weight decay): compare it relative to its size.
+    update = lambda run: [p1 - p0 for p0, p1 in zip(run[0], run[1])]
+    _assert_close_relative(update(plain), update(cold), 1e-5)
+    _assert_close_relative(plain[2], cold[2], 1e-5)
+    for a, b in zip(cold[2], warm[2]):
         np.testing.assert_array_equal(a, b)  # a cached executable is the same program
 
 
@@ -219,14 +216,15 @@ def test_compiled_step_has_one_barrier_per_conv_and_no_conv_in_ynn():
 
 # ----- bf16 and seed parallelism -----
 def test_bfloat16_compute_trains_with_float32_state():
-    config = tiny_config(compute_dtype="bfloat16", num_seeds=1, lr=0.2, duration="8ep")
+    config = tiny_config(compute_dtype="bfloat16", num_seeds=1, lr=0.1, augment=False)
     trainer = Trainer(config, TINY_DATA)
-    states, metrics = trainer.advance(trainer.init([0]), 48)
+    assert trainer.model.dtype == jnp.bfloat16
+    states, metrics = trainer.advance(trainer.init([0]), 24)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(states.params))
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(states.opt_state)
                if jnp.issubdtype(a.dtype, jnp.floating))
     loss = metrics["loss"][:, 0]
-    assert np.isfinite(loss).all() and loss[-6:].mean() < 0.6 * loss[:6].mean()
+    assert np.isfinite(loss).all() and loss[-6:].mean() < 0.5 * loss[:6].mean()
 
 
 def test_seed_parallel_auto_is_map_on_cpu_and_vmap_on_accelerators(monkeypatch):

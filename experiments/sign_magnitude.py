@@ -1,0 +1,21 @@
+"""Signs versus magnitudes (the paper's Fig. 4): signs of W_k with magnitudes of W_0 or of a fresh
+init, and signs of W_0 with magnitudes of W_k, against rewinding to k and to 0.
+
+  python experiments/sign_magnitude.py --rewind_iter=500 --num_seeds=4
+"""
+from early_jax import branches, cli
+
+MIXES = ("signs_k_mags_0", "signs_k_mags_fresh", "signs_0_mags_k")
+
+
+def main(args):
+    chosen = [m.strip() for m in args.variants.split(",") if m.strip()]
+    branches.experiment_main(args, [branches.Treatment(m) for m in chosen], "sign_magnitude",
+                             "signs vs magnitudes")
+
+
+if __name__ == "__main__":
+    p = cli.parser(__doc__)
+    branches.add_flags(p)
+    p.add_argument("--variants", default=",".join(MIXES), help=f"comma-separated subset of {MIXES}")
+    cli.main(main, p)
