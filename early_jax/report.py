@@ -161,3 +161,147 @@ def plot_vs_pretraining(rows: list[dict], references: dict, levels: list[int], p
         ax.legend(fontsize=7)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+# ----- the study report -----
+STUDY_TABLES = ("dense", "imp", "telemetry", "perturbations", "instability", "instability_path", "pretrain")
+
+
+def _mean_std(values, scale=100.0, digits=2) -> str:
+    values = scale * np.asarray(values, float)
+    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}" if len(values) > 1 else \
+        f"{values.mean():.{digits}f}"
+
+
+def _finite_mean(values) -> float | None:
+    """Mean of the finite values, or None when there are none (e.g. the rewind-to-0 reference)."""
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else None
+
+
+def _markdown(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def _grouped(rows: list[dict], keys: tuple, value: str) -> dict:
+    cells = defaultdict(list)
+    for row in rows:
+        cells[tuple(row[k] for k in keys)].append(row[value])
+    return dict(sorted(cells.items(), key=lambda kv: [str(x) if isinstance(x, str) else x for x in kv[0]]))
+
+
+def imp_table(imp: list[dict]) -> str:
+    rewinds = sorted({r["rewind"] for r in imp})
+    levels = _grouped(imp, ("level",), "density")
+    acc = _grouped(imp, ("level", "rewind"), "accuracy")
+    body = [[level, f"{100 * np.mean(d):.1f}"] + [_mean_std(acc.get((level, k), [np.nan])) for k in rewinds]
+            for (level,), d in levels.items()]
+    return _markdown(["level", "% weights left"] + [f"acc. rewind {k} (%)" for k in rewinds], body)
+
+
+def perturbation_table(rows: list[dict]) -> str:
+    acc = _grouped(rows, ("level", "treatment"), "accuracy")
+    eff = _grouped(rows, ("level", "treatment"), "effective_std")
+    dens = _grouped(rows, ("level", "treatment"), "density")
+    levels = {lv for lv, t in acc if not t.startswith(("control", "rewind"))}
+    body = [[lv, f"{100 * np.mean(dens[(lv, t)]):.1f}", t, _mean_std(acc[(lv, t)]),
+             "" if _finite_mean(eff[(lv, t)]) is None else f"{_finite_mean(eff[(lv, t)]):.2f}"]
+            for lv, t in acc if lv in levels]
+    return _markdown(["level", "% left", "treatment", "accuracy (%)", "effective std"], body)
+
+
+def instability_table(barriers: list[dict]) -> str:
+    cells = _grouped(barriers, ("level", "rewind", "split"), "barrier")
+    keys = sorted({(lv, k) for lv, k, _ in cells})
+    body = [[lv, k] + [_mean_std(cells.get((lv, k, s), [np.nan])) for s in ("test", "train")] for lv, k in keys]
+    return _markdown(["level", "rewind k", "test barrier (points)", "train barrier (points)"], body)
+
+
+def pretrain_table(rows: list[dict]) -> str:
+    acc = _grouped(rows, ("task", "pretrain_epochs", "level"), "accuracy")
+    dens = _grouped(rows, ("task", "pretrain_epochs", "level"), "density")
+    body = [[t, e, lv, f"{100 * np.mean(dens[(t, e, lv)]):.1f}", _mean_std(v)] for (t, e, lv), v in acc.items()]
+    return _markdown(["task", "pre-training epochs", "level", "% left", "accuracy (%)"], body)
+
+
+def telemetry_table(rows: list[dict]) -> str:
+    evals = sorted({r["step"] for r in rows if r.get("test_accuracy") not in (None, "")})
+    shown = evals[:1] + evals[len(evals) // 2: len(evals) // 2 + 1] + evals[-1:]
+    body = []
+    for step in dict.fromkeys(shown):
+        at = [r for r in rows if r["step"] == step]
+        body.append([step, _mean_std([r["test_accuracy"] for r in at]),
+                     _mean_std([r["all_mean_abs"] for r in at], 1, 4),
+                     _mean_std([r["all_sign_flip"] for r in at], 1, 2),
+                     _mean_std([r["all_dist_init"] for r in at], 1, 3),
+                     _mean_std([r["all_cos_final"] for r in at], 1, 4)])
+    return _markdown(["step", "test acc. (%)", "mean abs w", "signs flipped (%)", "L2 to W_0",
+                      "cosine to W_T"], body)
+
+
+def write_report(study_dir: str, title: str = "early-phase study") -> str:
+    """Figures and report.md from the study's CSVs (no training); returns the report's path."""
+    load = lambda name: read_csv(os.path.join(study_dir, f"{name}.csv"))
+    missing = [n for n in STUDY_TABLES if not os.path.exists(os.path.join(study_dir, f"{n}.csv"))]
+    if missing:
+        from early_jax.errors import UserError
+        raise UserError(f"{study_dir} lacks {', '.join(m + '.csv' for m in missing)}: run the study first")
+    dense, imp, tel = load("dense"), load("imp"), load("telemetry")
+    perturbations, barriers, along, pre = load("perturbations"), load("instability"), \
+        load("instability_path"), load("pretrain")
+    k = max(r["rewind"] for r in imp)
+    fig = lambda name: os.path.join(study_dir, name)
+    plot_accuracy_vs_remaining(imp, "rewind", fig("fig1_imp.png"), "IMP with rewinding",
+                               label=lambda r: f"rewind to {r}", dense=[r["accuracy"] for r in dense])
+    plot_telemetry(tel, fig("fig3_telemetry.png"), "early-phase telemetry",
+                   subnet=any(r.get("sub_mean_abs") != r.get("all_mean_abs") for r in tel))
+    eff = _grouped(perturbations, ("treatment",), "effective_std")
+    plot_accuracy_vs_remaining(
+        perturbations, "treatment", fig("fig4-6_perturbations.png"), f"perturbations at k={k}",
+        label=lambda t: t if _finite_mean(eff[(t,)]) is None or t.startswith("control")
+        else f"{t} (eff. std {_finite_mean(eff[(t,)]):.2f})")
+    from early_jax import instability
+    instability.plot(barriers, along, fig("instability.png"), "instability vs rewind step")
+    references = {f"IMP, rewind to {r}": [x for x in imp if x["rewind"] == r] for r in sorted({0, k})}
+    pre_levels = sorted({r["level"] for r in pre} - {0})
+    plot_vs_pretraining(pre, references, pre_levels[-2:] or [0], fig("fig7_pretraining.png"),
+                        "IMP after pre-training")
+    text = f"""# {title}
+
+Regenerate with `python experiments/make_figures.py --study_dir={study_dir}` (no training).
+
+## Dense network
+Test accuracy {_mean_std([r['accuracy'] for r in dense])}% over {len(dense)} seed(s).
+
+## IMP with rewinding (Fig. 1)
+![IMP](fig1_imp.png)
+
+{imp_table(imp)}
+
+## Early-phase telemetry (Fig. 3)
+![telemetry](fig3_telemetry.png)
+
+{telemetry_table(tel)}
+
+## Perturbations at the rewind point k={k} (Figs. 4-6)
+![perturbations](fig4-6_perturbations.png)
+
+{perturbation_table(perturbations)}
+
+## Instability (linear mode connectivity) vs k
+![instability](instability.png)
+
+{instability_table(barriers)}
+
+## Pre-training, then IMP (Fig. 7)
+![pre-training](fig7_pretraining.png)
+
+{pretrain_table(pre)}
+"""
+    path = os.path.join(study_dir, "report.md")
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return path
