@@ -26,7 +26,7 @@ data:
 	else echo "no apt-get: put the Fashion-MNIST IDX files in a folder and pass --data_dir=<folder>"; fi
 
 demo: install data
-	$(PY) experiments/train.py $(ARGS)
+	$(PY) experiments/early_phase_study.py $(ARGS)
 
 test: install
 	$(PY) -m pytest tests $(ARGS)

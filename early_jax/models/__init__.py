@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from early_jax.errors import UserError
-from early_jax.models.resnet import CifarResNet, ImageNetResNet, cifar_resnet_blocks
+from early_jax.models.resnet import ResNet, cifar_resnet_blocks
 from early_jax.models.small import LeNet300100, SmallConvNet
 from early_jax.models.vgg import VGG, VGG_PLANS
 
@@ -36,12 +36,12 @@ def create(name: str, num_classes: int = 10, *, bn_scale_init: str = "uniform",
     common = dict(num_classes=num_classes, dtype=DTYPES[dtype])
     norm = dict(common, bn_scale_init=bn_scale_init)
     if match := _CIFAR_RESNET.match(name):
-        return CifarResNet(cifar_resnet_blocks(int(match.group(1))), width=int(match.group(2) or 16),
-                           **norm)
+        return ResNet((cifar_resnet_blocks(int(match.group(1))),) * 3, "cifar",
+                      width=int(match.group(2) or 16), **norm)
     if match := _VGG.match(name):
         return VGG(VGG_PLANS[int(match.group(1))], **norm)
     if name == "resnet18":
-        return ImageNetResNet((2, 2, 2, 2), **norm)
+        return ResNet((2, 2, 2, 2), "imagenet", width=64, **norm)
     if name == "lenet300_100":
         return LeNet300100(**common)
     if name == "convnet_small":

@@ -1,4 +1,5 @@
-"""CIFAR ResNets (He et al. 2015, projection shortcuts as in open_lth) and ImageNet-style ResNet-18."""
+"""ResNets: CIFAR ResNet-20/32/44/56/110 (He et al. 2015, projection shortcuts as in open_lth)
+and the ImageNet-style ResNet-18."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -28,10 +29,13 @@ class BasicBlock(nn.Module):
         return nn.relu(y + x)
 
 
-class CifarResNet(nn.Module):
-    """Stem conv3x3, three stages of `blocks_per_stage` blocks (widths w, 2w, 4w), GAP, head."""
+class ResNet(nn.Module):
+    """Stem, stages of basic blocks (widths w, 2w, 4w, ...; stride 2 entering each later stage),
+    global average pool, head. stem="cifar": conv3x3 (He et al.'s CIFAR ResNets);
+    stem="imagenet": conv7x7/2 then 3x3/2 max-pool (torchvision's ResNet-18)."""
 
-    blocks_per_stage: int
+    stage_sizes: Sequence[int]
+    stem: str = "cifar"
     num_classes: int = 10
     width: int = 16
     bn_scale_init: str = "uniform"
@@ -39,30 +43,11 @@ class CifarResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = conv(self.width, 3, dtype=self.dtype, name="stem_conv")(x.astype(self.dtype))
+        kernel, stride = (3, 1) if self.stem == "cifar" else (7, 2)
+        x = conv(self.width, kernel, stride, dtype=self.dtype, name="stem_conv")(x.astype(self.dtype))
         x = nn.relu(batch_norm(train, self.bn_scale_init, self.dtype, "stem_bn")(x))
-        for stage in range(3):
-            for block in range(self.blocks_per_stage):
-                stride = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(self.width * 2 ** stage, stride, self.bn_scale_init, self.dtype,
-                               name=f"stage{stage + 1}_block{block}")(x, train)
-        return head(global_average_pool(x), self.num_classes, self.dtype)
-
-
-class ImageNetResNet(nn.Module):
-    """torchvision-style ResNet: 7x7/2 stem, 3x3/2 max-pool, four stages of basic blocks."""
-
-    stage_sizes: Sequence[int] = (2, 2, 2, 2)
-    num_classes: int = 10
-    width: int = 64
-    bn_scale_init: str = "uniform"
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = conv(self.width, 7, 2, dtype=self.dtype, name="stem_conv")(x.astype(self.dtype))
-        x = nn.relu(batch_norm(train, self.bn_scale_init, self.dtype, "stem_bn")(x))
-        x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+        if self.stem == "imagenet":
+            x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
         for stage, blocks in enumerate(self.stage_sizes):
             for block in range(blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
