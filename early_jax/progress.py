@@ -75,10 +75,19 @@ def append_jsonl(path: str, obj) -> None:
 
 
 def read_jsonl(path: str) -> list:
+    """The logged lines; a last line cut short by a kill mid-write is dropped, not fatal."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return out
 
 
 def _to_builtin(x):

@@ -190,3 +190,9 @@ def test_four_device_run_equals_one_device_run():
     proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES, os.path.dirname(__file__)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "test_acc')
+    assert [line["step"] for line in runner.prog.read_jsonl(str(path))] == [1, 2]
