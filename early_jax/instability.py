@@ -6,10 +6,11 @@ the straight line between them, and the *barrier* is the highest error on that l
 error of its two ends. A network is "stable" at k when the barrier is about zero.
 
 How the pieces run:
-- Both copies of all S seeds are one 2S-row state trained by one `Trainer.advance`: rows [0, S) are
-  copy 1 (the seed's own keys, so from the dense state at k it retraces the dense run) and rows
-  [S, 2S) copy 2 (order and augmentation keys `fold_in(key, COPY_SALT)`; init and perturb keys and
-  the weights at k are shared). Each k is one resumable run in its own folder.
+- Copy 1 keeps the seed's own keys. Training is deterministic, so from the dense state at k it
+  retraces the dense run, and from an IMP rewind it retraces that IMP level: its final state is the
+  one already stored there and is loaded, not retrained. Copy 2 (order and augmentation keys
+  `fold_in(key, COPY_SALT)`; init and perturb keys and the weights at k shared) is trained for all
+  S seeds at once, one resumable run per k in its own folder.
 - The path (interpolate, recompute BatchNorm statistics, measure test and train error) is one
   compiled program over rows x alphas, cached next to the copies per evaluation setting.
 - BatchNorm running statistics of an interpolated network do not describe its activations, so by
@@ -126,19 +127,10 @@ def second_copy_keys(keys: dict) -> dict:
     return {p: salted(k) if p in SECOND_COPY_PURPOSES else k for p, k in keys.items()}
 
 
-def stack_copies(states: TrainState) -> TrainState:
-    """S states -> 2S rows: copy 1 (rows [0, S), the original keys) then copy 2 (rows [S, 2S))."""
-    second = states.replace(keys=jax.vmap(second_copy_keys)(states.keys))
-    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), states, second)
+def with_second_copy_keys(states: TrainState) -> TrainState:
+    return states.replace(keys=jax.vmap(second_copy_keys)(states.keys))
 
 
-def split_copies(tree):
-    """A 2S-row tree -> (copy 1, copy 2), each S rows."""
-    half = jax.tree.leaves(tree)[0].shape[0] // 2
-    return jax.tree.map(lambda x: x[:half], tree), jax.tree.map(lambda x: x[half:], tree)
-
-
-# ----- data for the path -----
 def _padded_batches(x, y, batch_size: int) -> dict:
     n = x.shape[0]
     batch_size = max(1, min(batch_size, n))
@@ -244,22 +236,26 @@ def starting_states(trainer: Trainer, dense: RunDir, rewind_step: int, level: in
     return pipeline.rewind(trainer, states, level_mask(trainer, dense, rewind_step, level))
 
 
-def train_copies(trainer: Trainer, dense: RunDir, rewind_step: int, level: int) -> TrainState:
-    """The 2S-row final states of both copies (trained, resumed or loaded)."""
+def first_copy(trainer: Trainer, dense: RunDir, rewind_step: int, level: int) -> TrainState:
+    """Copy 1's final states: those of the run it retraces (the dense run, or IMP level `level`)."""
+    run_dir = dense if level == 0 else pipeline.level_dir(trainer, dense, rewind_step, level)
+    return run_dir.restore(trainer.total_steps, trainer.abstract_state(len(pipeline.seeds_of(trainer.config))))
+
+
+def train_second_copy(trainer: Trainer, dense: RunDir, rewind_step: int, level: int) -> TrainState:
+    """Copy 2's final states for all seeds (trained, resumed or loaded)."""
     run_dir = copies_dir(trainer, dense, rewind_step, level)
-    stack = jax.jit(stack_copies, out_shardings=sharding.seed_sharding(trainer.mesh))
     states, _ = run(trainer, run_dir, description=copies_description(trainer, dense, rewind_step, level),
-                    initial=lambda: stack(starting_states(trainer, dense, rewind_step, level)),
+                    initial=lambda: with_second_copy_keys(starting_states(trainer, dense, rewind_step, level)),
                     end=trainer.total_steps, label=f"instability k={rewind_step} level {level}")
     return states
 
 
 def copies_description(trainer: Trainer, dense: RunDir, rewind_step: int, level: int) -> dict:
-    seeds = pipeline.seeds_of(trainer.config)
     prune = dataclasses.asdict(trainer.config.prune) | {"levels": None, "rewind_iters": None}
-    return {"kind": "instability_copies", "dense": os.path.basename(dense.path), "rewind": rewind_step,
-            "level": level, "prune": prune if level else None, "copy_salt": COPY_SALT,
-            "copies": [1] * len(seeds) + [2] * len(seeds), "seeds": seeds + seeds}
+    return {"kind": "instability_second_copy", "dense": os.path.basename(dense.path),
+            "rewind": rewind_step, "level": level, "prune": prune if level else None,
+            "copy_salt": COPY_SALT, "seeds": pipeline.seeds_of(trainer.config)}
 
 
 def measured_path(trainer: Trainer, dense: RunDir, rewind_step: int, level: int,
@@ -270,8 +266,8 @@ def measured_path(trainer: Trainer, dense: RunDir, rewind_step: int, level: int,
     run_dir.check_identity(copies_description(trainer, dense, rewind_step, level))
     if run_dir.complete() and os.path.exists(cache):
         return progress.read_json(cache)
-    final = train_copies(trainer, dense, rewind_step, level)
-    first, second = split_copies(final)
+    second = train_second_copy(trainer, dense, rewind_step, level)
+    first = first_copy(trainer, dense, rewind_step, level)
     errors = path_errors(trainer, first, second, settings, alpha_chunk)
     out = {"settings": dataclasses.asdict(settings), "errors": errors.tolist(),
            "densities": pipeline.mask_densities(first.mask)}

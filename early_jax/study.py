@@ -91,7 +91,7 @@ def training_runs(plan: Plan, trainer: Trainer) -> dict[str, float]:
                         for e in plan.pretrain_epochs)
     return {"dense": 1.0, "IMP": plan.levels * (frac(0) + frac(k)),
             "perturbations": len(plan.perturb_levels) * len(treatments(plan)) * frac(k),
-            "instability": sum(2 * frac(s) for s in steps["instability"]),
+            "instability": sum(frac(s) for s in steps["instability"]),  # copy 1 is the dense run
             "telemetry": steps["telemetry"] / total, "pre-training": pretrain_runs}
 
 

@@ -41,8 +41,8 @@ def dense_final(trainer):
 
 
 def copies_final(trainer, k, level=0):
-    run_dir = ins.copies_dir(trainer, pipeline.dense_run_dir(trainer), k, level)
-    return run_dir.restore(trainer.total_steps, trainer.abstract_state(2 * SEEDS))
+    dense = pipeline.dense_run_dir(trainer)
+    return ins.first_copy(trainer, dense, k, level), ins.train_second_copy(trainer, dense, k, level)
 
 
 # ----- pure pieces -----
@@ -134,12 +134,16 @@ def test_batchnorm_recompute_averages_batch_statistics_and_keeps_the_params(stud
 # ----- the copies and the experiment -----
 def test_copy_one_retraces_the_dense_run_and_copy_two_differs(study):
     trainer, _ = study
-    dense, copies = dense_final(trainer), copies_final(trainer, 3)
-    first, second = ins.split_copies(copies)
-    np.testing.assert_array_equal(first.keys["order"], dense.keys["order"])
-    for a, b in zip(jax.tree.leaves((first.params, first.batch_stats)),
-                    jax.tree.leaves((dense.params, dense.batch_stats))):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    dense = dense_final(trainer)
+    first, second = copies_final(trainer, 3)
+    # copy 1 is loaded, not trained: training the start state with the original keys is the dense run
+    start = ins.starting_states(trainer, pipeline.dense_run_dir(trainer), 3, 0)
+    retraced, _ = trainer.advance(start, trainer.total_steps)
+    for a, b, c in zip(jax.tree.leaves((first.params, first.batch_stats)),
+                       jax.tree.leaves((dense.params, dense.batch_stats)),
+                       jax.tree.leaves((retraced.params, retraced.batch_stats))):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(c, b, rtol=0, atol=1e-6)
     assert not np.array_equal(second.keys["order"], dense.keys["order"])
     assert not np.array_equal(second.keys["augment"], dense.keys["augment"])
     np.testing.assert_array_equal(second.keys["init"], dense.keys["init"])
@@ -186,9 +190,11 @@ def test_an_imp_subnetwork_trains_both_copies_with_the_level_mask(study):
     dense = pipeline.dense_run_dir(trainer)
     level = pipeline.level_dir(trainer, dense, 3, 1).restore(trainer.total_steps,
                                                              trainer.abstract_state(SEEDS))
-    first, second = ins.split_copies(copies_final(trainer, 3, level=1))
+    first, second = copies_final(trainer, 3, level=1)
     assert leaves_equal(first.mask, level.mask) and leaves_equal(second.mask, level.mask)
-    for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(level.params)):
+    start = ins.starting_states(trainer, dense, 3, 1)
+    retraced, _ = trainer.advance(start, trainer.total_steps)
+    for a, b in zip(jax.tree.leaves(retraced.params), jax.tree.leaves(level.params)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)  # copy 1 retraces IMP level 1
     summary = ins.barriers(rows)
     assert len(summary) == SEEDS * len(ins.SPLITS)
