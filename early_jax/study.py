@@ -33,6 +33,7 @@ class Plan:
     pretrain_epochs: tuple = (1, 2, 4)
     instability_alphas: tuple = instability.DEFAULT_ALPHAS
     instability_train_examples: int = 10_000
+    instability_bn_batches: int = 50
 
 
 # The config changes and plan of each preset's study. The CPU one is sized to finish in about
@@ -44,7 +45,7 @@ STUDIES = {
         Plan(rewind="50it", levels=3, perturb_levels=(3,), noise_scales=(1.0, 3.0),
              instability_rewinds=("0it", "10it", "50it", "200it"), telemetry_steps="400it",
              pretrain_task="blur", pretrain_epochs=(1,), instability_alphas=(0.0, 0.25, 0.5, 0.75, 1.0),
-             instability_train_examples=2000)),
+             instability_train_examples=2000, instability_bn_batches=20)),
     "cifar10_resnet20": (
         {"num_seeds": "2"},
         Plan()),
@@ -141,7 +142,8 @@ def run_study(trainer: Trainer, plan: Plan, out: str) -> dict[str, str]:
                                       "perturbations at k")
     save("perturbations", rows)
     along = instability.instability(trainer, steps["instability"], alphas=plan.instability_alphas,
-                                    train_examples=plan.instability_train_examples)
+                                    train_examples=plan.instability_train_examples,
+                                    bn_batches=plan.instability_bn_batches)
     save("instability_path", along)
     save("instability", instability.barriers(along))
     task = pretrain.parse_task(plan.pretrain_task)
