@@ -43,10 +43,6 @@ class Checkpoints:
         with self._manager() as manager:
             return sorted(manager.all_steps())
 
-    def latest(self) -> int | None:
-        steps = self.steps()
-        return steps[-1] if steps else None
-
     def save(self, step: int, state) -> None:
         with self._manager() as manager:
             if step not in manager.all_steps():

@@ -179,20 +179,6 @@ def validate(config: Config) -> Config:
     return config
 
 
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
-
-
-def from_dict(d: dict) -> Config:
-    """Inverse of to_dict (lists from JSON become tuples again)."""
-    def build(cls, values):
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**kwargs)
-    return Config(model=build(ModelConfig, d["model"]), data=build(DataConfig, d["data"]),
-                  train=build(TrainConfig, d["train"]), prune=build(PruneConfig, d["prune"]),
-                  **{k: v for k, v in d.items() if k not in SECTIONS})
-
-
 def fingerprint(*parts) -> str:
     """A short stable hash of config pieces: work dirs are named by what determines their contents."""
     text = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],

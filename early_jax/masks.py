@@ -5,8 +5,6 @@ parameter (biases, BatchNorm) is absent and therefore never pruned.
 """
 from __future__ import annotations
 
-import math
-
 import flax.traverse_util as traverse
 import jax
 import jax.numpy as jnp
@@ -126,7 +124,3 @@ def sparsity_report(mask) -> dict:
     report["total"] = tuple(sum(x[i] for x in report.values()) for i in (0, 1))
     return report
 
-
-def level_density(level: int, fraction: float) -> float:
-    """Nominal density after `level` rounds of removing `fraction` of what remains: (1-f)^L."""
-    return math.pow(1 - fraction, level)

@@ -34,13 +34,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def put_seeds(tree, mesh: Mesh):
-    """Place host or device arrays with a leading seed axis (also across hosts)."""
-    sharding = seed_sharding(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding,
-                                                               lambda idx: np.asarray(x)[idx]), tree)
-
-
 def put_replicated(tree, mesh: Mesh):
     sharding = replicated(mesh)
     return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)

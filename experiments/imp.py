@@ -8,7 +8,9 @@ dense run; finished levels and the dense run are reused.
 """
 import os
 
-from early_jax import cli, data, pipeline, report
+import jax
+
+from early_jax import cli, data, masks, pipeline, report
 from early_jax.config import to_steps
 from early_jax.train import Trainer
 
@@ -32,6 +34,13 @@ def main(args):
     report.plot_accuracy_vs_remaining(rows, "rewind", os.path.join(out, "imp.png"),
                                       f"IMP, {config.model.name}", label=lambda k: f"rewind to {k}",
                                       dense=dense)
+    deepest = pipeline.level_dir(trainer, pipeline.dense_run_dir(trainer), steps[-1], config.prune.levels)
+    if config.prune.levels:
+        mask = deepest.restore(trainer.total_steps, trainer.abstract_state(config.num_seeds)).mask
+        first_seed = jax.tree.map(lambda m: m[0], mask)
+        print(f"layer densities at level {config.prune.levels} (seed {config.seed}, rewind {steps[-1]}):")
+        for layer, (kept, total) in masks.sparsity_report(first_seed).items():
+            print(f"  {layer:40s} {kept:>9d} / {total:<9d} {100 * kept / total:5.1f}%")
     for k, points in report.summarize(rows, "rewind").items():
         print(f"rewind {k}: " + ", ".join(f"{100 * d:.1f}% left -> {100 * a:.2f}%" for d, a, _, _ in points))
     print(f"results: {out}/results.csv and imp.png")

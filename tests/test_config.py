@@ -26,12 +26,11 @@ def test_paper_preset_has_the_papers_recipe():
     assert c.prune.fraction == 0.2 and c.prune.scope == "global"
 
 
-def test_flags_override_fields_and_round_trip():
+def test_flags_override_fields():
     c = cfg.override(cfg.PRESETS["fashion_cpu"], {"model": "resnet20", "lr": "0.05", "augment": "false",
                                                   "milestones": "3ep,6ep", "num_seeds": "4"})
     assert (c.model.name, c.train.lr, c.data.augment, c.num_seeds) == ("resnet20", 0.05, False, 4)
     assert c.train.milestones == ("3ep", "6ep")
-    assert cfg.from_dict(cfg.to_dict(c)) == c
 
 
 @pytest.mark.parametrize("flags,match", [({"nope": "1"}, "unknown flag --nope"),
