@@ -109,6 +109,7 @@ def run(trainer: Trainer, run_dir: RunDir, *, description: dict, initial: Callab
     evals = set(evaluation_steps(trainer, start, end))
     bar = prog.Progress(label, start, end)
     window: list[dict] = []
+    final = None
     t_start = time.time()
 
     def on_chunk(step, metrics):
@@ -122,13 +123,15 @@ def run(trainer: Trainer, run_dir: RunDir, *, description: dict, initial: Callab
         if boundary in save_steps:
             run_dir.kept.save(boundary, states)
         if boundary in evals:
-            line = _metrics_line(trainer, states, boundary, window, bar.rate(boundary))
+            test = trainer.evaluate(states)
+            line = _metrics_line(trainer, boundary, window, test, bar.rate(boundary))
+            final = test if boundary == end else None
             window = []
             if boundary not in save_steps:
                 run_dir.resume.save(boundary, states)
             prog.append_jsonl(run_dir.file("metrics.jsonl"), line)
             bar.update(boundary, f"test acc {100 * np.mean(line['test_accuracy']):.2f}%", force=True)
-    final = trainer.evaluate(states)
+    final = final or trainer.evaluate(states)  # evaluated at `end` already, unless nothing ran
     result = {"step": end, "seeds": description["seeds"], "wall_s": time.time() - t_start,
               **{k: v.tolist() for k, v in final.items()}}
     prog.write_json(run_dir.file("result.json"), result)
@@ -136,9 +139,8 @@ def run(trainer: Trainer, run_dir: RunDir, *, description: dict, initial: Callab
     return states, result
 
 
-def _metrics_line(trainer, states, step, window, rate) -> dict:
+def _metrics_line(trainer, step, window, test, rate) -> dict:
     train = {k: np.concatenate([w[k] for w in window]).mean(0) for k in window[0]} if window else {}
-    test = trainer.evaluate(states)
     return {"step": step, "epoch": step / trainer.steps_per_epoch,
             "lr": float(trainer.fns.schedule(step - 1)), "steps_per_s": rate,
             **{f"train_{k}": v.tolist() for k, v in train.items()},

@@ -6,7 +6,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from early_jax.models.layers import batch_norm, conv, head, he_normal_untruncated
+from early_jax.models.layers import batch_norm, conv, head, he_normal_untruncated, max_pool
 
 
 class LeNet300100(nn.Module):
@@ -43,7 +43,7 @@ class SmallConvNet(nn.Module):
         for i, width in enumerate(self.widths):
             x = conv(width, 3, dtype=self.dtype, name=f"conv{i}")(x)
             x = nn.relu(batch_norm(train, self.bn_scale_init, self.dtype, f"bn{i}")(x))
-            x = nn.max_pool(x, (2, 2), (2, 2))
+            x = max_pool(x, (2, 2))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(self.hidden, kernel_init=he_normal_untruncated, dtype=self.dtype,
                              name="fc")(x))

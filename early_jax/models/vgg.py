@@ -6,7 +6,7 @@ from typing import Sequence, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
-from early_jax.models.layers import batch_norm, conv, global_average_pool, head
+from early_jax.models.layers import batch_norm, conv, global_average_pool, head, max_pool
 
 M = "M"  # 2x2 max-pool
 VGG_PLANS = {
@@ -30,7 +30,7 @@ class VGG(nn.Module):
         x = x.astype(self.dtype)
         for i, item in enumerate(self.plan):
             if item == M:
-                x = nn.max_pool(x, (2, 2), (2, 2))
+                x = max_pool(x, (2, 2))
                 continue
             fan_in = 9 * x.shape[-1]
             x = conv(item, 3, use_bias=True, fan_in=fan_in, dtype=self.dtype, name=f"conv{i}")(x)
