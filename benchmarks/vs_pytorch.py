@@ -176,6 +176,9 @@ def main(argv=None):
     p.add_argument("--nchw", action="store_true", help="PyTorch in NCHW instead of channels_last")
     p.add_argument("--seed_parallel", default="auto", choices=("auto", "vmap", "map"))
     p.add_argument("--no_bare", action="store_true", help="skip our bare step")
+    p.add_argument("--wait_quiet", type=float, default=0.0,
+                   help="before each round, wait up to this many seconds for other processes to "
+                        "use < 10%% of the cores (the JSON reports the contention of each round)")
     p.add_argument("--torch_python", default=os.environ.get("TORCH_PYTHON", sys.executable))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -186,14 +189,19 @@ def main(argv=None):
     ours = Ours(args)
     import jax
     from early_jax import runtime
-    ours_t, bare_t, torch_t, loads = [], [], [], []
+    import train_speed
+    meter = train_speed.CpuMeter([torch_worker.proc.pid])
+    ours_t, bare_t, torch_t, loads, contention = [], [], [], [], []
     try:
         for r in range(args.rounds):
+            train_speed.wait_until_quiet(meter, args.wait_quiet)
             loads.append(os.getloadavg()[0])
+            meter.start()
             ours_t.append(ours.steps(args.steps))
             if not args.no_bare:
                 bare_t.append(ours.bare_steps(args.steps))
             torch_t.append(statistics.median(torch_worker.steps(args.steps)))
+            contention.append(meter.others())
             print(f"round {r}: ours {ours_t[-1] * 1e3:.1f} ms"
                   + ("" if args.no_bare else f", ours bare {bare_t[-1] * 1e3:.1f} ms")
                   + f", torch {torch_t[-1] * 1e3:.1f} ms", file=sys.stderr, flush=True)
@@ -211,6 +219,7 @@ def main(argv=None):
         "ratio_per_round": [round(a / b, 3) for a, b in zip(ours_t, torch_t)],
         "ours_rounds_ms": [ms(t) for t in ours_t], "torch_rounds_ms": [ms(t) for t in torch_t],
         "loadavg_1m": [round(v, 2) for v in loads], "cpus": os.cpu_count(),
+        "contention_per_round": [None if c is None else round(c, 3) for c in contention],
         "torch": torch_worker.info["torch"], "torch_threads": torch_worker.info["threads"],
         "torch_channels_last": not args.nchw, "seed_parallel": ours.trainer.parallel,
         "dataset_ours": ours.config.data.name, "backend": jax.default_backend(),

@@ -146,8 +146,8 @@ def test_cache_location_and_opt_out(fresh_runtime, tmp_path):
 
 
 # ----- the CPU conv fusion barrier -----
-def _model_and_batch():
-    model = models.create("convnet_small")
+def _model_and_batch(name="convnet_small"):
+    model = models.create(name)
     variables = models.init_variables(model, jax.random.key(0), (12, 12, 1))
     x = jax.random.normal(jax.random.key(1), (16, 12, 12, 1))
     y = jax.random.randint(jax.random.key(2), (16,), 0, 10)
@@ -170,10 +170,9 @@ def _seed_grads_fn(model, parallel):
 
 def test_conv_barrier_changes_no_number_under_map_and_vmap(monkeypatch):
     assert layers.conv_impl() is cpu_conv.flax_conv_fn_with_barrier  # the CPU default
-    _, variables, x, y = _model_and_batch()
-    with_barrier = models.create("convnet_small")
+    with_barrier, variables, x, y = _model_and_batch("convnet_tiny")
     monkeypatch.setenv("EARLY_JAX_CONV_BARRIER", "0")
-    without = models.create("convnet_small")
+    without = models.create("convnet_tiny")
     stacked = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a]), variables)
     for parallel in ("map", "vmap"):
         a = _seed_grads_fn(with_barrier, parallel)(stacked, x, y)
@@ -235,3 +234,55 @@ def test_seed_parallel_auto_is_map_on_cpu_and_vmap_on_accelerators(monkeypatch):
         assert train.resolve_seed_parallel("map") == "map"
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert train.resolve_seed_parallel("vmap") == "vmap"
+
+
+# ----- the tiled max-pool gradient -----
+def test_tiled_max_pool_equals_flax_max_pool_with_ties_inside_jit():
+    """Same values and gradients as nn.max_pool (first maximum of a window), also where XLA
+    recomputes the pooled input in the backward pass, for odd sizes, and under vmap."""
+    import flax.linen as nn
+    key_x, key_s = jax.random.split(jax.random.key(0))
+    for shape in [(4, 12, 12, 3), (2, 7, 9, 2)]:
+        # integer-valued inputs, batch normalisation and a ReLU: many exact ties (also at zero),
+        # and a pooled input that XLA recomputes (rounded differently) in the backward pass
+        x = jax.random.randint(key_x, shape, -2, 3).astype(jnp.float32)
+        scale = jax.random.uniform(key_s, (shape[-1],), minval=0.5, maxval=1.5)
+
+        def loss(pool, x, scale):
+            mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+            y = pool(jax.nn.relu((x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + 0.1))
+            return (y * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)).sum()
+        ref = jax.jit(jax.grad(lambda x, s: loss(lambda v: nn.max_pool(v, (2, 2), (2, 2)), x, s), (0, 1)))
+        ours = jax.jit(jax.grad(lambda x, s: loss(lambda v: layers.max_pool(v, (2, 2)), x, s), (0, 1)))
+        for a, b in zip(ref(x, scale), ours(x, scale)):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(layers.max_pool(x, (2, 2)), nn.max_pool(x, (2, 2), (2, 2)))
+        batched = lambda pool: jax.jit(jax.vmap(jax.grad(lambda u: loss(pool, u, scale))))(x[None])
+        np.testing.assert_array_equal(batched(lambda w: layers.max_pool(w, (2, 2))),
+                                      batched(lambda w: nn.max_pool(w, (2, 2), (2, 2))))
+    overlapping = layers.max_pool(x, (3, 3), (2, 2), padding="SAME")  # falls back to nn.max_pool
+    np.testing.assert_array_equal(overlapping, nn.max_pool(x, (3, 3), (2, 2), padding="SAME"))
+
+
+def test_tiled_max_pool_gives_the_same_model_gradient(monkeypatch):
+    """In a real model (conv-BN-ReLU-pool, images with flat background: many ties), where XLA
+    recomputes the pooled input in the backward pass."""
+    import types
+
+    import flax.linen as nn
+    from early_jax.models import small
+    images = jax.random.randint(jax.random.key(0), (16, 12, 12, 1), 0, 4).astype(jnp.float32)
+    images = images * (jnp.arange(12) < 6)[None, :, None, None]  # half of each image is flat zero
+    labels = jnp.arange(16) % 10
+
+    def model_grads(pool):
+        proxy = types.ModuleType("linen_with_pool")
+        proxy.__getattr__ = lambda name: pool if name == "max_pool" else getattr(nn, name)
+        monkeypatch.setattr(small, "nn", proxy)
+        model = models.create("convnet_small")
+        variables = models.init_variables(model, jax.random.key(1), (12, 12, 1))
+        return jax.jit(jax.grad(lambda v: _loss(model, v, images, labels)))(variables)
+    ref = model_grads(nn.max_pool)
+    ours = model_grads(lambda x, window, strides=None, **kw: layers.max_pool(x, window, strides, **kw))
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(ours)):
+        np.testing.assert_array_equal(a, b)
