@@ -6,6 +6,7 @@ import os
 from collections import defaultdict
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -63,6 +64,8 @@ def plot_accuracy_vs_remaining(rows: list[dict], group: str, path: str, title: s
         line, = ax.plot(x, y, marker="o", ms=3, label=label(g))
         ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.2)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.invert_xaxis()
     ax.set_xlabel("percent of weights remaining")
     ax.set_ylabel("test accuracy (%)")

@@ -70,6 +70,6 @@ def test_study_runs_end_to_end_resumes_after_an_interrupt_and_reports_everything
 
 def test_the_cpu_study_plan_fits_its_preset():
     config, plan = study.study_config("fashion_cpu", {})
-    assert config.num_seeds == 2 and config.train.duration == "2ep"
+    assert config.num_seeds == 2 and config.train.duration == "2ep" and config.prune.fraction == 0.6
     assert set(plan.perturb_levels) <= set(range(1, plan.levels + 1))
     assert {"shuffle_layer", "shuffle_layer_keep_signs", "reinit_keep_signs"} <= set(plan.treatments)
