@@ -162,7 +162,7 @@ def experiment_main(args, treatments: list[Treatment], label: str, title: str) -
     trainer = Trainer(config, data.load(config.data.name, config.data.data_dir))
     k = to_steps(args.rewind_iter, trainer.steps_per_epoch)
     pipeline.check_rewind_steps(trainer, [k])
-    levels = cli.int_list(args.perturb_levels) if args.perturb_levels else list(range(1, config.prune.levels + 1))
+    levels = cli.numbers(args.perturb_levels, int) if args.perturb_levels else list(range(1, config.prune.levels + 1))
     print(f"{title}: rewind to {k}, levels {levels}, {config.num_seeds} seed(s), treatments "
           f"{[t.label for t in treatments]}")
     rows, out = run_experiment(trainer, k, levels, treatments, label, title)

@@ -35,8 +35,9 @@ def main(run: Callable[[argparse.Namespace], None], p: argparse.ArgumentParser) 
         sys.exit(130)
 
 
-def int_list(text: str) -> list[int]:
+def numbers(text: str, cast=float) -> list:
+    """'1,2,4' -> [1.0, 2.0, 4.0] (or ints with cast=int): comma-separated flag values."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [cast(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UserError(f"expected comma-separated integers, got {text!r}") from None
+        raise UserError(f"expected comma-separated {cast.__name__} values, got {text!r}") from None

@@ -18,19 +18,6 @@ from early_jax.errors import UserError
 from early_jax.train import Trainer
 
 
-def with_units(text: str) -> str:
-    """'0,100,2ep' -> '0it,100it,2ep': bare numbers are iterations."""
-    parts = [t.strip() for t in text.split(",") if t.strip()]
-    return ",".join(t if t[-1:].isalpha() else f"{t}it" for t in parts)
-
-
-def float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def out_dir(trainer, level: int) -> str:
     dense = pipeline.dense_run_dir(trainer)
     if level == 0:
@@ -39,15 +26,13 @@ def out_dir(trainer, level: int) -> str:
 
 
 def main(args):
-    if args.cfg_rewind_iters:
-        args.cfg_rewind_iters = with_units(args.cfg_rewind_iters)
     config = cli.cfg.config_from_args(args)
     if args.level < 0:
         raise UserError(f"--level must be >= 0, got {args.level}")
     trainer = Trainer(config, data.load(config.data.name, config.data.data_dir))
     steps = sorted({to_steps(k, trainer.steps_per_epoch) for k in config.prune.rewind_iters})
     pipeline.check_rewind_steps(trainer, steps)
-    options = dict(alphas=float_list(args.alphas), recompute_bn=args.bn_batches > 0,
+    options = dict(alphas=cli.numbers(args.alphas), recompute_bn=args.bn_batches > 0,
                    bn_batches=max(args.bn_batches, 1), train_examples=args.train_examples)
     instability.PathSettings(tuple(options["alphas"]), options["recompute_bn"], options["bn_batches"],
                              options["train_examples"]).check()

@@ -21,7 +21,7 @@ def main(args):
     trainer = Trainer(config, data.load(config.data.name, config.data.data_dir))
     task = pretrain.parse_task(args.task, label_fraction=args.label_fraction, blur_factor=args.blur_factor,
                                rotation=args.rotation, subset_fraction=args.subset_fraction)
-    epochs = cli.int_list(args.pretrain_epochs)
+    epochs = cli.numbers(args.pretrain_epochs, int)
     for e in epochs:
         pretrain.start_step(trainer, e, args.offset)  # refuses impossible lengths before training
     rewind = to_steps(args.rewind_iter, trainer.steps_per_epoch)
