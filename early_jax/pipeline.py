@@ -57,9 +57,9 @@ def check_rewind_steps(trainer: Trainer, steps) -> None:
             raise UserError(f"rewind step {step} is outside the run: training has "
                             f"{trainer.total_steps} steps ({trainer.steps_per_epoch} per epoch)")
     grid = save_steps(trainer)
-    if grid and min(grid) > min(steps):
-        raise UserError(f"rewind step {min(steps)} precedes the first saved step {min(grid)}; "
-                        "add it to --save_steps")
+    if steps and (not grid or min(grid) > min(steps)):
+        first = f"the first saved step {min(grid)}" if grid else "every saved step (only the end is saved)"
+        raise UserError(f"rewind step {min(steps)} precedes {first}; add it to --save_steps")
 
 
 def train_dense(trainer: Trainer) -> tuple[TrainState, dict, RunDir]:

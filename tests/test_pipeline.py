@@ -100,3 +100,11 @@ def test_rewind_steps_outside_the_run_are_refused_before_training(study):
     trainer, _ = study
     with pytest.raises(UserError, match="outside the run"):
         pipeline.check_rewind_steps(trainer, [0, 500])
+
+
+def test_rewind_steps_before_the_checkpoint_grid_are_refused(study):
+    trainer, _ = study
+    no_grid = Trainer(with_workdir(tiny_config(save_steps="3it"), trainer.config.workdir), TINY_DATA)
+    with pytest.raises(UserError, match="precedes the first saved step 3"):
+        pipeline.check_rewind_steps(no_grid, [0])
+    pipeline.check_rewind_steps(no_grid, [3, 5])  # 5 is replayed from 3
