@@ -64,8 +64,7 @@ def plot_accuracy_vs_remaining(rows: list[dict], group: str, path: str, title: s
         line, = ax.plot(x, y, marker="o", ms=3, label=label(g))
         ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.2)
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    _plain_tick_labels(ax.xaxis)
     ax.invert_xaxis()
     ax.set_xlabel("percent of weights remaining")
     ax.set_ylabel("test accuracy (%)")
@@ -73,6 +72,14 @@ def plot_accuracy_vs_remaining(rows: list[dict], group: str, path: str, title: s
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _plain_tick_labels(axis, ticks=None):
+    """Numbers as written (0.8, 41, 2) on a log axis, not powers of ten; `ticks` where to put them."""
+    if ticks is not None:
+        axis.set_ticks(ticks)
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _save(fig, path: str) -> str:
@@ -158,6 +165,7 @@ def plot_vs_pretraining(rows: list[dict], references: dict, levels: list[int], p
         density = [r["density"] for r in rows if r["level"] == level]
         ax.set_title(f"{100 * np.mean(density):.1f}% of weights remaining" if density else f"level {level}")
         ax.set_xscale("symlog", linthresh=1)
+        _plain_tick_labels(ax.xaxis, sorted({r["pretrain_epochs"] for r in rows}))
         ax.set_xlabel("pre-training epochs")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, alpha=0.3)
