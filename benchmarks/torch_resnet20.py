@@ -98,21 +98,24 @@ def build_resnet20(num_classes: int = 10):
 
 def make_torch_step(batch: int = 128, threads: int = 2, seed: int = 0,
                     channels_last: bool = DEFAULT_CHANNELS_LAST):
-    """Return a zero-argument callable doing one full SGD training step.
+    """One ResNet-20 SGD step on a [batch, 3, 32, 32] batch (see `make_sgd_step`)."""
+    _torch().manual_seed(seed)
+    return make_sgd_step(build_resnet20(10), (3, 32, 32), batch, threads, seed, channels_last)
 
-    Forward in train mode, cross-entropy, backward and an SGD(lr=0.1,
-    momentum=0.9, weight_decay=1e-4) update, on a fixed random float32 batch
-    of shape [batch, 3, 32, 32] with random labels. The callable returns the
-    loss as a Python float (which also forces the step to finish).
+
+def make_sgd_step(model, input_shape, batch: int, threads: int, seed: int, channels_last: bool):
+    """Return a zero-argument callable doing one full SGD training step of `model`.
+
+    Forward in train mode, cross-entropy, backward and an SGD(lr=0.1, momentum=0.9,
+    weight_decay=1e-4) update, on a fixed random float32 batch of shape [batch, *input_shape] with
+    random labels. The callable returns the loss as a Python float (which also forces the step to
+    finish).
     """
     torch = _torch()
     torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-
-    model = build_resnet20(10)
     model.train()
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, 32, 32, generator=gen, dtype=torch.float32)
+    x = torch.randn(batch, *input_shape, generator=gen, dtype=torch.float32)
     y = torch.randint(0, 10, (batch,), generator=gen)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -51,29 +51,16 @@ def build_convnet_small(num_classes: int = 10):
 
 
 def torch_step(model_name: str, batch: int, threads: int, channels_last: bool, seed: int = 0):
+    """(one PyTorch SGD step of the model, its parameter count)."""
     import torch
     import torch_resnet20
     if model_name == "resnet20":
         return torch_resnet20.make_torch_step(batch, threads, seed, channels_last=channels_last), \
             torch_resnet20.EXPECTED_PARAMS
-    torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = build_convnet_small().train()
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *INPUT_SHAPES[model_name], generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    loss_fn = torch.nn.CrossEntropyLoss()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss.item()
+    model = build_convnet_small()
+    step = torch_resnet20.make_sgd_step(model, INPUT_SHAPES[model_name], batch, threads, seed,
+                                        channels_last)
     return step, sum(p.numel() for p in model.parameters())
 
 
