@@ -103,9 +103,13 @@ def prune_next(trainer: Trainer, states: TrainState):
 
 
 # ----- iterative magnitude pruning -----
+def imp_name(config) -> str:
+    """The folder of one prune setting's IMP runs (several settings can share a dense run)."""
+    return f"imp_{config.prune.scope}_f{config.prune.fraction:g}"
+
+
 def imp_dir(trainer: Trainer, dense: RunDir) -> str:
-    prune = trainer.config.prune
-    return os.path.join(dense.path, f"imp_{prune.scope}_f{prune.fraction:g}")
+    return os.path.join(dense.path, imp_name(trainer.config))
 
 
 def level_dir(trainer: Trainer, dense: RunDir, rewind_step: int, level: int) -> RunDir:

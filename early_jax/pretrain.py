@@ -33,31 +33,48 @@ class Task:
     random_labels: float = 0.0   # fraction of training labels replaced by fixed random classes
     blur: int = 1                # blur factor (the paper: 4, i.e. 32 -> 8 -> 32 pixels)
     rotation: str = ""           # "" | "fixed" (one quarter turn per example) | "redraw" (each visit)
+    rotate_first: bool = False   # rotate before crop and flip, as the paper's code (see device.train_batch)
     subset: float = 1.0          # fraction of the training set kept
 
     @property
     def name(self) -> str:
         parts = [f"random_labels{self.random_labels:g}" * bool(self.random_labels),
-                 f"blur{self.blur}" * (self.blur > 1), f"rotation_{self.rotation}" * bool(self.rotation),
+                 f"blur{self.blur}" * (self.blur > 1), (f"rotation_{self.rotation}" + "_first" * self.rotate_first) * bool(self.rotation),
                  f"subset{self.subset:g}" * (self.subset < 1)]
         return "+".join(p for p in parts if p) or "supervised"
 
 
 def parse_task(text: str, *, label_fraction: float = 1.0, blur_factor: int = 4,
-               rotation: str = "fixed", subset_fraction: float = 0.1) -> Task:
+               rotation: str = "fixed", rotate_first: bool = False, subset_fraction: float = 0.1) -> Task:
     """'blur', 'rotation', 'random_labels', 'subset' or combinations like 'blur+rotation'."""
     parts = [p.strip() for p in text.split("+") if p.strip()]
     unknown = [p for p in parts if p not in TASK_PARTS]
     if unknown or not parts:
         raise UserError(f"unknown pre-training task {text!r}: combine {', '.join(TASK_PARTS)} with '+'")
+    if {"random_labels", "rotation"} <= set(parts):
+        raise UserError("random_labels+rotation: rotation prediction has its own labels (the turns); "
+                        "pick one of the two")
     if rotation not in ("fixed", "redraw"):
         raise UserError(f"--rotation must be fixed or redraw, got {rotation!r}")
     if not 0 < subset_fraction <= 1 or not 0 < label_fraction <= 1 or blur_factor < 2:
         raise UserError("need 0 < --subset_fraction <= 1, 0 < --label_fraction <= 1, --blur_factor >= 2")
     return Task(random_labels=label_fraction if "random_labels" in parts else 0.0,
                 blur=blur_factor if "blur" in parts else 1,
-                rotation=rotation if "rotation" in parts else "",
+                rotation=rotation if "rotation" in parts else "", rotate_first=rotate_first,
                 subset=subset_fraction if "subset" in parts else 1.0)
+
+
+def check_task(task: Task, dataset: Dataset, batch_size: int) -> None:
+    """Refuse a task the dataset cannot support, before any training starts."""
+    height, width = dataset.image_shape[:2]
+    if task.blur > min(height, width):
+        raise UserError(f"--blur_factor={task.blur} is larger than the {height}x{width} images")
+    if task.rotation and height != width:
+        raise UserError(f"rotation prediction needs square images, these are {height}x{width}")
+    kept = round(task.subset * len(dataset.x_train))
+    if kept < batch_size:
+        raise UserError(f"--subset_fraction={task.subset:g} keeps {kept} examples, fewer than one "
+                        f"batch of {batch_size}; raise the fraction")
 
 
 def blur_host(images: np.ndarray, factor: int) -> np.ndarray:
@@ -80,8 +97,7 @@ def task_dataset(task: Task, dataset: Dataset, seed: int) -> Dataset:
     x_test, y_test, num_classes = dataset.x_test, dataset.y_test, dataset.num_classes
     if task.rotation:
         if task.rotation == "fixed":
-            y = fixed_quarter_turns(len(x), seed)
-            x = rotate_host(x, y)
+            y = fixed_quarter_turns(len(x), seed)  # the train step turns each image by its label
         y_test = fixed_quarter_turns(len(x_test), seed + 1)
         x_test, num_classes = rotate_host(x_test, y_test), 4
     if task.blur > 1:
@@ -102,17 +118,19 @@ def pretrain_trainer(main: Trainer, task: Task, epochs: int) -> Trainer:
                                 warmup=as_iterations(tc.warmup), eval_every=as_iterations(tc.eval_every))
     config = dataclasses.replace(main.config, train=train)
     prep = Preprocess(augment=config.data.augment, blur_factor=task.blur,
-                      random_rotation=task.rotation == "redraw")
+                      rotation={"fixed": "label", "redraw": "redraw"}.get(task.rotation, ""),
+                      rotate_first=task.rotate_first)
     return Trainer(config, task_dataset(task, main.dataset, config.seed), prep=prep, mesh=main.mesh)
 
 
-def widen_mask(mask, params) -> dict:
-    """A mask for `params`: kernels whose shape differs (the 4-way rotation head) are kept whole."""
-    flat_params = jax.tree_util.tree_flatten_with_path(masks.prunable_mask(params))[0]
+def widen_mask(mask, params, ignore) -> dict:
+    """A mask for `params` (prunable layers as `ignore` says): kernels whose shape differs (the
+    4-way rotation head) are kept whole."""
+    full = masks.prunable_mask(params, ignore)
     flat_mask = dict(jax.tree_util.tree_flatten_with_path(mask)[0])
-    leaves = [flat_mask[p] if p in flat_mask and flat_mask[p].shape == full.shape else full
-              for p, full in flat_params]
-    return jax.tree.unflatten(jax.tree.structure(masks.prunable_mask(params)), leaves)
+    leaves = [flat_mask[p] if p in flat_mask and flat_mask[p].shape == whole.shape else whole
+              for p, whole in jax.tree_util.tree_flatten_with_path(full)[0]]
+    return jax.tree.unflatten(jax.tree.structure(full), leaves)
 
 
 def fresh_head(main: Trainer, seed) -> dict:
@@ -122,21 +140,18 @@ def fresh_head(main: Trainer, seed) -> dict:
     return variables["params"]["head"]
 
 
-def swap_head(pretrained: dict, head: dict) -> dict:
-    """Keep every pre-trained weight but the head; a head of the right shape is kept as it is."""
-    same = jax.tree.map(lambda a, b: a.shape == b.shape, pretrained["head"], head)
-    return pretrained if all(jax.tree.leaves(same)) else {**pretrained, "head": head}
-
-
-def main_start(main: Trainer, pre: TrainState, start_step: int, mask=None) -> TrainState:
-    """The main run's state after pre-training: pre-trained weights and BatchNorm statistics (head
-    swapped where the task had another output size), a fresh optimizer, the main run's keys (data
-    order continues as the dense run's would from `start_step`), and `mask` (default: dense)."""
+def main_start(main: Trainer, pre: TrainState, start_step: int, mask=None, *, new_head: bool = False
+               ) -> TrainState:
+    """The main run's state after pre-training: pre-trained weights and BatchNorm statistics (with
+    `new_head`, a freshly drawn output layer for the real task: after rotation prediction), a fresh
+    optimizer, the main run's keys (data order continues as the dense run's would from
+    `start_step`), and `mask` (default: dense)."""
 
     def one(pre_state: TrainState, seed, keep) -> TrainState:
         base = main.init_one(seed)
         keep = base.mask if keep is None else keep
-        params = masks.apply_mask(swap_head(pre_state.params, fresh_head(main, seed)), keep)
+        params = {**pre_state.params, "head": fresh_head(main, seed)} if new_head else pre_state.params
+        params = masks.apply_mask(params, keep)
         return base.replace(step=jnp.int32(start_step), params=params, batch_stats=pre_state.batch_stats,
                             opt_state=main.tx.init(params), mask=keep)
 
@@ -163,11 +178,11 @@ def pretrain(main: Trainer, task: Task, epochs: int, root: str, sparse_mask=None
         states = trainer.init(seeds)
         if sparse_mask is None:
             return states
-        wide = jax.vmap(widen_mask)(sparse_mask, states.params)
+        wide = jax.vmap(lambda m, p: widen_mask(m, p, main.config.prune.ignore))(sparse_mask, states.params)
         return states.replace(params=jax.jit(jax.vmap(masks.apply_mask))(states.params, wide), mask=wide)
 
     description = {"kind": "pretrain", "task": dataclasses.asdict(task), "epochs": epochs,
-                   "sparse": sparse_mask is not None, "seeds": seeds}
+                   "sparse": sparse_mask is not None, "seeds": seeds, "root": os.path.basename(root)}
     states, _ = run(trainer, RunDir(os.path.join(root, "pretrain")), description=description,
                     initial=initial, end=trainer.total_steps, label=f"pretrain {task.name} {epochs}ep")
     return states
@@ -189,13 +204,14 @@ def pretrain_imp(main: Trainer, task: Task, epochs: int, levels: int, offset: st
     _, _, dense = pipeline.train_dense(main)
     root = study_dir(main, dense, task, epochs, offset)
     pre = pretrain(main, task, epochs, root)
-    start = lambda: main_start(main, pre, step0)
+    start = lambda: main_start(main, pre, step0, new_head=bool(task.rotation))
     identity = {"dense": os.path.basename(dense.path), "pretrain": os.path.basename(root)}
-    level0, result0 = run(main, RunDir(os.path.join(root, "imp", "level0")),
+    imp_root = os.path.join(root, pipeline.imp_name(main.config))  # one chain per prune setting
+    level0, result0 = run(main, RunDir(os.path.join(imp_root, "level0")),
                           description={"kind": "pretrained_dense", **identity,
                                        "seeds": pipeline.seeds_of(main.config)},
                           initial=start, end=main.total_steps, label=f"{task.name} {epochs}ep level 0")
-    chain = pipeline.imp_chain(main, os.path.join(root, "imp"), start, level0, levels, identity,
+    chain = pipeline.imp_chain(main, imp_root, start, level0, levels, identity,
                                f"{task.name} {epochs}ep")
     rows = pipeline.result_rows(0, level0.mask, result0)
     rows += [row for level, mask, result in chain for row in pipeline.result_rows(level, mask, result)]
@@ -210,12 +226,14 @@ def sparse_pretrain(main: Trainer, task: Task, epochs: int, level: int, rewind: 
     pipeline.imp(main, [rewind], level)
     dense_states, _, dense = pipeline.train_dense(main)
     mask = pipeline.level_dir(main, dense, rewind, level).restore(main.total_steps, dense_states).mask
-    root = study_dir(main, dense, task, epochs, offset, f"_sparse_level{level}_k{rewind}")
+    root = study_dir(main, dense, task, epochs, offset,
+                     f"_sparse_{pipeline.imp_name(main.config)}_level{level}_k{rewind}")
     pre = pretrain(main, task, epochs, root, sparse_mask=mask)
     description = {"kind": "sparse_pretrained", "dense": os.path.basename(dense.path),
                    "pretrain": os.path.basename(root), "seeds": pipeline.seeds_of(main.config)}
     states, result = run(main, RunDir(os.path.join(root, "main")), description=description,
-                         initial=lambda: main_start(main, pre, step0, mask), end=main.total_steps,
+                         initial=lambda: main_start(main, pre, step0, mask, new_head=bool(task.rotation)),
+                         end=main.total_steps,
                          label=f"sparse {task.name} {epochs}ep")
     tag = {"task": task.name + "_sparse", "pretrain_epochs": epochs}
     return [tag | row for row in pipeline.result_rows(level, states.mask, result)]

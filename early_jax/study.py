@@ -72,7 +72,7 @@ def check(plan: Plan, trainer: Trainer) -> None:
     steps = steps_of(plan, trainer)
     pipeline.check_rewind_steps(trainer, [0, steps["rewind"], *steps["instability"]])
     branches.check_treatments(treatments(plan))
-    pretrain.parse_task(plan.pretrain_task)
+    pretrain.check_task(pretrain.parse_task(plan.pretrain_task), trainer.dataset, trainer.config.train.batch_size)
     for epochs in plan.pretrain_epochs:
         pretrain.start_step(trainer, epochs, "replace")
     if not set(plan.perturb_levels) <= set(range(1, plan.levels + 1)):

@@ -20,7 +20,9 @@ def main(args):
     config = cli.cfg.config_from_args(args)
     trainer = Trainer(config, data.load(config.data.name, config.data.data_dir))
     task = pretrain.parse_task(args.task, label_fraction=args.label_fraction, blur_factor=args.blur_factor,
-                               rotation=args.rotation, subset_fraction=args.subset_fraction)
+                               rotation=args.rotation, rotate_first=args.rotate_first,
+                               subset_fraction=args.subset_fraction)
+    pretrain.check_task(task, trainer.dataset, config.train.batch_size)
     epochs = cli.numbers(args.pretrain_epochs, int)
     for e in epochs:
         pretrain.start_step(trainer, e, args.offset)  # refuses impossible lengths before training
@@ -66,6 +68,9 @@ if __name__ == "__main__":
                    help="pre-train only the subnetwork of this IMP level (rewound to --rewind_iter)")
     p.add_argument("--rotation", default="fixed", choices=("fixed", "redraw"),
                    help="one rotation per example, or a new one each time it is seen")
+    p.add_argument("--rotate_first", action="store_true",
+                   help="rotate before crop and flip, as the paper's code (the flip then makes 90 and "
+                        "270 degrees look alike); default: rotate after")
     p.add_argument("--blur_factor", type=int, default=4)
     p.add_argument("--label_fraction", type=float, default=1.0)
     p.add_argument("--subset_fraction", type=float, default=0.1)

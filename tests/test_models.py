@@ -79,6 +79,7 @@ def test_cpu_conv_gradients_equal_xla_autodiff():
     from early_jax.models.cpu_conv import flax_conv_fn
     key_x, key_w = jax.random.split(jax.random.key(0))
     for size, kernel, stride, padding in [(9, 3, 2, "SAME"), (8, 1, 2, "SAME"), (12, 7, 2, "SAME"),
+                                          (8, 3, 2, [(1, 1), (1, 1)]), (12, 7, 2, [(3, 3), (3, 3)]),
                                           (7, 3, 1, "VALID"), (9, 4, 3, [(2, 1), (0, 3)])]:
         x = jax.random.normal(key_x, (2, size, size, 3))
         w = jax.random.normal(key_w, (kernel, kernel, 3, 5))
@@ -94,3 +95,16 @@ def test_cpu_conv_is_used_by_models_on_cpu():
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda w: layers.conv_impl()(
         jnp.ones((1, 4, 4, 2)), w, (1, 1), "SAME").sum()))(jnp.ones((3, 3, 2, 2))))
     assert "custom_vjp_call" in jaxpr or "transpose[" in jaxpr
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 7])
+def test_stride_two_convs_centre_on_even_pixels_like_pytorch(kernel):
+    """A centre-tap kernel copies the pixel each output is centred on: (2i, 2j) for every kernel
+    size, so a 3x3/2 conv and its 1x1/2 shortcut see the same pixels (padding=k//2)."""
+    size = 8
+    x = jnp.arange(size * size, dtype=jnp.float32).reshape(1, size, size, 1)
+    layer = layers.conv(1, kernel, 2, name="c")
+    centre = jnp.zeros((kernel, kernel, 1, 1)).at[kernel // 2, kernel // 2].set(1.0)
+    out = layer.apply({"params": {"kernel": centre}}, x)
+    assert out.shape == (1, size // 2, size // 2, 1)
+    np.testing.assert_array_equal(out[0, :, :, 0], x[0, ::2, ::2, 0])

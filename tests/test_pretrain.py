@@ -23,6 +23,19 @@ def test_task_names_parse_and_bad_names_are_refused():
     assert pretrain.parse_task("random_labels", label_fraction=0.5).random_labels == 0.5
     with pytest.raises(UserError, match="unknown pre-training task"):
         pretrain.parse_task("jigsaw")
+    with pytest.raises(UserError, match="own labels"):
+        pretrain.parse_task("random_labels+rotation")
+
+
+@pytest.mark.parametrize("task, message", [(dict(blur_factor=16), "larger than"),
+                                           (dict(subset_fraction=0.1), "fewer than one batch")])
+def test_tasks_the_data_cannot_support_are_refused_before_training(task, message):
+    text = "blur" if "blur_factor" in task else "subset"
+    with pytest.raises(UserError, match=message):
+        pretrain.check_task(pretrain.parse_task(text, **task), TINY_DATA, batch_size=16)
+    wide = dataclasses.replace(TINY_DATA, x_train=np.zeros((96, 8, 6, 1), np.uint8))
+    with pytest.raises(UserError, match="square"):
+        pretrain.check_task(pretrain.parse_task("rotation"), wide, batch_size=16)
 
 
 def test_random_label_task_is_fixed_per_example_and_hits_the_fraction():
@@ -34,20 +47,38 @@ def test_random_label_task_is_fixed_per_example_and_hits_the_fraction():
     assert abs(np.mean(a.y_train != ds.y_train) - 0.5 * 0.75) < 0.03
 
 
+def _rotation_batch(labels, prep):
+    arrays = dev.TrainArrays(jnp.asarray(TINY_DATA.x_train), jnp.asarray(labels), jnp.zeros(1), jnp.ones(1))
+    x, y = dev.train_batch(arrays, prep, jnp.arange(len(labels)), 0, 16, jax.random.key(3))
+    return np.asarray(x), np.asarray(y)
+
+
 def test_rotation_labels_match_the_rotation_applied():
     task = pretrain.task_dataset(pretrain.parse_task("rotation"), TINY_DATA, seed=0)
     assert task.num_classes == 4 and set(np.unique(task.y_train)) <= {0, 1, 2, 3}
-    for x, turns, original in zip(task.x_train, task.y_train, TINY_DATA.x_train):
+    for x, turns, original in zip(task.x_test, task.y_test, TINY_DATA.x_test):
         np.testing.assert_array_equal(x, np.rot90(original, turns, axes=(0, 1)))
-    # redrawn rotations: the label of each example in a batch is the turn applied to it
-    arrays = dev.TrainArrays(jnp.asarray(TINY_DATA.x_train), jnp.asarray(TINY_DATA.y_train),
-                             jnp.zeros(1), jnp.ones(1))
-    prep = dev.Preprocess(augment=False, random_rotation=True)
-    perm = jnp.arange(len(TINY_DATA.x_train))
-    x, y = dev.train_batch(arrays, prep, perm, 0, 16, jax.random.key(3))
-    for image, turns, original in zip(np.asarray(x), np.asarray(y), TINY_DATA.x_train[:16]):
-        np.testing.assert_allclose(image, np.rot90(original / 255.0, turns, axes=(0, 1)), atol=1e-6)
-    assert len(set(np.asarray(y).tolist())) > 1
+    # fixed turns (the labels) and redrawn ones: each example in a batch is turned by its label
+    for prep, labels in [(dev.Preprocess(augment=False, rotation="label"), task.y_train),
+                         (dev.Preprocess(augment=False, rotation="redraw"), TINY_DATA.y_train)]:
+        x, y = _rotation_batch(labels, prep)
+        for image, turns, original in zip(x, y, TINY_DATA.x_train[:16]):
+            np.testing.assert_allclose(image, np.rot90(original / 255.0, turns, axes=(0, 1)), atol=1e-6)
+        assert len(set(y.tolist())) > 1
+
+
+@pytest.mark.parametrize("rotate_first", [False, True])
+def test_rotation_comes_after_the_flip_unless_asked_first(rotate_first):
+    """flip(turn by 1) == turn by 3 of the flipped image: only rotating after the flip keeps the
+    image a turn of a flip-augmented image by exactly its label."""
+    turns = np.full(len(TINY_DATA.x_train), 1, np.int32)
+    prep = dev.Preprocess(augment=True, crop_padding=0, rotation="label", rotate_first=rotate_first)
+    x, _ = _rotation_batch(turns, prep)
+    originals = TINY_DATA.x_train[:16] / 255.0
+    flipped = [np.allclose(img, np.rot90(o[:, ::-1], 1, axes=(0, 1)), atol=1e-6) for img, o in zip(x, originals)]
+    turned_back = [np.allclose(img, np.rot90(o, 1, axes=(0, 1))[:, ::-1], atol=1e-6) for img, o in zip(x, originals)]
+    assert any(turned_back if rotate_first else flipped)  # some examples were flipped...
+    assert not any(flipped if rotate_first else turned_back)  # ...in the asked-for order
 
 
 def test_blur_task_blurs_the_test_set_and_keeps_labels():
@@ -60,18 +91,21 @@ def test_head_swap_keeps_everything_else_and_reinitialises_the_head(main):
     pre_trainer = pretrain.pretrain_trainer(main, pretrain.parse_task("rotation"), 1)
     pre = pre_trainer.advance(pre_trainer.init([0, 1]), 3)[0]
     assert pre.params["head"]["kernel"].shape[-1] == 4
-    start = pretrain.main_start(main, pre, 6)
+    start = pretrain.main_start(main, pre, 6, new_head=True)
     for name in pre.params:
         if name != "head":
             for a, b in zip(jax.tree.leaves(start.params[name]), jax.tree.leaves(pre.params[name])):
                 np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(start.batch_stats), jax.tree.leaves(pre.batch_stats)):
         np.testing.assert_array_equal(a, b)
+    # a fresh draw for the real task (here also 4 classes, so the shape alone could not tell):
+    # neither the trained rotation head nor the dense run's initial head
+    fresh = jax.vmap(lambda s: pretrain.fresh_head(main, s))(jnp.arange(2))
+    for a, b in zip(jax.tree.leaves(start.params["head"]), jax.tree.leaves(fresh)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # compiled apart: ulp differences
     head = start.params["head"]["kernel"]
-    assert head.shape == main.init([0, 1]).params["head"]["kernel"].shape  # the real task's classes
-    # a fresh draw: neither the dense run's initial head nor zeros
+    assert not np.allclose(head, pre.params["head"]["kernel"])
     assert not np.allclose(head, main.init([0, 1]).params["head"]["kernel"])
-    assert float(jnp.std(head)) > 0
     assert all(float(jnp.abs(t).max()) == 0 for t in jax.tree.leaves(start.opt_state))
 
 
@@ -96,9 +130,22 @@ def test_sparse_pretraining_keeps_pruned_weights_at_zero(main):
     assert {r["level"] for r in rows} == {1} and all(r["density"] < 0.85 for r in rows)
     dense = pipeline.dense_run_dir(main)
     root = pretrain.study_dir(main, dense, pretrain.parse_task("rotation"), 1, "replace",
-                              "_sparse_level1_k3")
+                              f"_sparse_{pipeline.imp_name(main.config)}_level1_k3")
     pre_trainer = pretrain.pretrain_trainer(main, pretrain.parse_task("rotation"), 1)
     pre = pipeline.RunDir(f"{root}/pretrain").restore(pre_trainer.total_steps, pre_trainer.abstract_state(2))
     body_mask = {k: v for k, v in pre.mask.items() if k != "head"}
     for kernel, kept in masks.masked_kernels({k: pre.params[k] for k in body_mask}, body_mask).values():
         assert np.all(np.asarray(kernel)[~np.asarray(kept)] == 0) and not np.all(np.asarray(kept))
+
+
+def test_widened_mask_keeps_the_level_mask_and_the_ignore_list():
+    """The rotation head (another shape) is kept whole; an ignored layer stays out of the mask, so
+    the pre-training state has the structure its checkpoints are restored into."""
+    params = {"conv0": {"kernel": jnp.ones((3, 3, 1, 2))}, "head": {"kernel": jnp.ones((8, 4))}}
+    level = masks.prunable_mask({"conv0": params["conv0"], "head": {"kernel": jnp.ones((8, 10))}})
+    level["conv0"]["kernel"] = level["conv0"]["kernel"].at[0].set(False)
+    wide = pretrain.widen_mask(level, params, ignore=())
+    np.testing.assert_array_equal(wide["conv0"]["kernel"], level["conv0"]["kernel"])
+    assert wide["head"]["kernel"].shape == (8, 4) and bool(wide["head"]["kernel"].all())
+    ignored = pretrain.widen_mask(level, params, ignore=("head",))
+    assert jax.tree.structure(ignored) == jax.tree.structure(masks.prunable_mask(params, ("head",)))

@@ -31,8 +31,10 @@ class Preprocess:
     augment: bool = True         # pad-4 random crop and horizontal flip
     crop_padding: int = 4
     blur_factor: int = 1         # >1: downsample by this factor and upsample back (antialiased)
-    random_rotation: bool = False  # rotate each example by a fresh random quarter turn each time it
-                                   # is seen, and use the turn as its label (rotation prediction)
+    rotation: str = ""           # rotation prediction: "label" turns each example by its label
+                                 # (fixed quarter turns), "redraw" by a fresh random turn each visit
+                                 # that becomes its label; "" none
+    rotate_first: bool = False   # rotate before crop and flip (the paper's code) rather than after
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -97,18 +99,24 @@ def rotate_quarter_turns(images: jax.Array, turns: jax.Array) -> jax.Array:
 
 def train_batch(arrays: TrainArrays, prep: Preprocess, permutation: jax.Array, position,
                 batch_size: int, augment_key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One training batch: gather, rotate (if the task does), crop and flip, blur, normalise.
+    """One training batch: gather, crop and flip, rotate (if the task does), blur, normalise.
 
-    The order (rotate, then flip and crop, then blur, then normalise) is that of the paper's code.
+    Rotating after the flip keeps the four rotation classes apart: flipping a 90-degree turn gives
+    a 270-degree turn of the flipped image, so with the paper's code order (`rotate_first`: rotate,
+    then flip) the 90 and 270 classes see the same distribution of inputs.
     """
     idx = batch_indices(permutation, position, batch_size)
     images, labels = arrays.images[idx], arrays.labels[idx]
-    if prep.random_rotation:
+    if prep.rotation == "redraw":
         labels = jax.random.randint(jax.random.fold_in(augment_key, 2), (batch_size,), 0, 4)
-        images = rotate_quarter_turns(images, labels)
+    rotate = (lambda im: rotate_quarter_turns(im, labels)) if prep.rotation else (lambda im: im)
+    if prep.rotate_first:
+        images = rotate(images)
     if prep.augment:
         crop_key, flip_key = jax.random.split(augment_key)
         images = random_flip(flip_key, random_crop(crop_key, images, prep.crop_padding))
+    if not prep.rotate_first:
+        images = rotate(images)
     if prep.blur_factor > 1:
         images = blur(images.astype(jnp.float32) / 255.0, prep.blur_factor)
     return normalize(images, arrays.mean, arrays.std), labels

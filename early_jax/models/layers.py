@@ -52,9 +52,12 @@ def conv_impl():
 
 def conv(features: int, kernel: int, stride: int = 1, *, use_bias: bool = False, fan_in: int = 0,
          dtype=jnp.float32, name: str) -> nn.Conv:
-    """A 'SAME'-padded NHWC conv; with a bias, the bias is U(+-1/sqrt(fan_in)) as in PyTorch."""
+    """An NHWC conv padded by kernel//2 on every side, as PyTorch's padding=k//2: XLA's 'SAME'
+    pads a stride-2 conv on one side only, which centres a 3x3/2 conv on odd pixels while its 1x1/2
+    shortcut samples even ones. With a bias, the bias is U(+-1/sqrt(fan_in)) as in PyTorch."""
     bias_init = symmetric_uniform(1 / math.sqrt(fan_in)) if use_bias else nn.initializers.zeros
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding="SAME", use_bias=use_bias,
+    pad = (kernel // 2, kernel // 2)
+    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=(pad, pad), use_bias=use_bias,
                    kernel_init=he_normal_untruncated, bias_init=bias_init, dtype=dtype, conv_general_dilated=conv_impl(),
                    name=name)
 

@@ -47,7 +47,7 @@ class ResNet(nn.Module):
         x = conv(self.width, kernel, stride, dtype=self.dtype, name="stem_conv")(x.astype(self.dtype))
         x = nn.relu(batch_norm(train, self.bn_scale_init, self.dtype, "stem_bn")(x))
         if self.stem == "imagenet":
-            x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))  # torchvision's padding=1
         for stage, blocks in enumerate(self.stage_sizes):
             for block in range(blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
