@@ -9,6 +9,7 @@ and the rewind-to-0 reference are the IMP rows themselves.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import zlib
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from early_jax import config as cfg
 from early_jax import masks, perturb, pipeline, progress, report
 from early_jax.errors import UserError
 from early_jax.runner import RunDir, run
@@ -38,11 +40,13 @@ class Treatment:
 
 
 def check_treatments(treatments) -> None:
+    if not treatments:
+        raise UserError("no perturbation to run: name at least one")
     for t in treatments:
         if t.name not in perturb.PERTURBATIONS:
             raise UserError(f"unknown perturbation {t.name!r}: use one of {', '.join(perturb.PERTURBATIONS)}")
-        if t.name == "noise" and (t.scale is None or t.scale < 0):
-            raise UserError("noise needs a scale >= 0 (--noise_scales)")
+        if t.name == "noise" and (t.scale is None or not math.isfinite(t.scale) or t.scale < 0):
+            raise UserError(f"noise needs a finite scale >= 0, got {t.scale}")
 
 
 def level_masks(trainer: Trainer, k: int, levels: list[int]) -> dict[int, dict]:
@@ -56,36 +60,41 @@ def level_masks(trainer: Trainer, k: int, levels: list[int]) -> dict[int, dict]:
 
 def perturbed_states(trainer: Trainer, state_k: TrainState, state_0: TrainState, mask, level: int,
                      treatment: Treatment) -> tuple[TrainState, jax.Array]:
-    """Rewound (masked, fresh optimizer) states with the treatment applied; and the effective std."""
+    """Rewound (masked, fresh optimizer) states with the treatment applied; and per seed the
+    effective std and the raw std of the change (see perturb.effective_std), as [S, 2]."""
     rewound = pipeline.rewind(trainer, state_k, mask)
     w_0 = jax.vmap(masks.apply_mask)(state_0.params, mask)
 
     def one(key_data, w_k, w0, m):
         key = treatment.key(jax.random.wrap_key_data(key_data), level)
         after = perturb.apply(treatment.name, key, w_k, w0, m, treatment.scale)
-        eff = perturb.effective_std(w_k, after, m, perturb.init_std(w_k, m))["overall"]
-        return after, eff
+        eff = perturb.effective_std(w_k, after, m, perturb.init_std(w_k, m))
+        return after, jnp.stack([eff["overall"], eff["raw"]])
 
     params, eff = jax.jit(jax.vmap(one))(rewound.keys["perturb"], rewound.params, w_0, mask)
     return rewound.replace(params=params), eff
 
 
-def branch_dir(trainer: Trainer, k: int, label: str) -> RunDir:
+def branch_dir(trainer: Trainer, k: int, label: str, levels: list[int], treatments: list[Treatment]) -> RunDir:
+    """One folder per set of (level, treatment) rows: adding a noise scale or a level starts a new
+    run beside the finished ones instead of clashing with them."""
     dense = pipeline.dense_run_dir(trainer)
-    return RunDir(os.path.join(pipeline.imp_dir(trainer, dense), f"rewind{k}", f"perturb_{label}"))
+    rows = cfg.fingerprint([[level, t.label] for level in levels for t in treatments])
+    return RunDir(os.path.join(pipeline.imp_dir(trainer, dense), f"rewind{k}", f"perturb_{label}_{rows}"))
 
 
 def run_branches(trainer: Trainer, k: int, levels: list[int], treatments: list[Treatment],
-                 label: str) -> list[dict]:
+                 label: str) -> tuple[list[dict], str]:
     """Train every (level, treatment, seed) row from step k in one stacked run; one result row each
-    (seed, rewind, level, treatment, density, accuracy, effective_std)."""
+    (seed, rewind, level, treatment, density, accuracy, effective_std, perturbation_std), and the
+    run's folder."""
     check_treatments(treatments)
     levels = sorted(set(levels))
     if not levels or min(levels) < 1:
         raise UserError("perturbation levels must be >= 1 (level 0 is the dense network)")
     seeds = pipeline.seeds_of(trainer.config)
     cells = [(level, t) for level in levels for t in treatments]
-    run_dir = branch_dir(trainer, k, label)
+    run_dir = branch_dir(trainer, k, label, levels, treatments)
     effective_path = run_dir.file("effective_std.json")
     description = {"kind": "perturbation", "rewind": k,
                    "rows": [[level, t.label, seed] for level, t in cells for seed in seeds],
@@ -108,16 +117,18 @@ def run_branches(trainer: Trainer, k: int, levels: list[int], treatments: list[T
                          end=trainer.total_steps, label=f"perturb {label} k={k}")
     effective = progress.read_json(effective_path)
     densities = pipeline.mask_densities(states.mask)
-    return [{"seed": seed, "rewind": k, "level": level, "treatment": treatment,
-             "density": d, "accuracy": acc, "effective_std": eff}
-            for (level, treatment, seed), d, acc, eff
+    rows = [{"seed": seed, "rewind": k, "level": level, "treatment": treatment,
+             "density": d, "accuracy": acc, "effective_std": eff, "perturbation_std": raw}
+            for (level, treatment, seed), d, acc, (eff, raw)
             in zip(description["rows"], densities, result["test_accuracy"], effective)]
+    return rows, run_dir.path
 
 
 def reference_rows(trainer: Trainer, k: int, levels: list[int]) -> list[dict]:
     """IMP rewound to k (the unperturbed control) and to 0, as rows of the same table."""
     references = {k: f"control (rewind to {k})"} | ({0: "rewind to 0"} if k else {})
-    return [row | {"treatment": name, "effective_std": 0.0 if rewind == k else np.nan}
+    return [row | {"treatment": name, **dict.fromkeys(("effective_std", "perturbation_std"),
+                                                        0.0 if rewind == k else np.nan)}
             for rewind, name in references.items() for row in pipeline.imp(trainer, [rewind], max(levels))]
 
 
@@ -127,8 +138,8 @@ def run_experiment(trainer: Trainer, k: int, levels: list[int], treatments: list
     with each treatment's mean effective std). Returns the rows and the output folder."""
     check_treatments(treatments)
     pipeline.check_rewind_steps(trainer, [k])
-    rows = reference_rows(trainer, k, levels) + run_branches(trainer, k, levels, treatments, label)
-    out = branch_dir(trainer, k, label).path
+    branch_rows, out = run_branches(trainer, k, levels, treatments, label)
+    rows = reference_rows(trainer, k, levels) + branch_rows
     report.write_csv(rows, os.path.join(out, "results.csv"))
     effective = {}
     for row in rows:

@@ -64,7 +64,8 @@ class PruneConfig:
     fraction: float = 0.2            # of the remaining weights, per level
     levels: int = 16
     scope: str = "global"            # "global" (one threshold) | "layerwise"
-    ignore: tuple = ()               # parameter path patterns never pruned, e.g. ("head",)
+    ignore: tuple = ("auto",)        # parameter path patterns never pruned, e.g. ("head",); "auto":
+                                     # the model's default (see `ignored_layers`)
     rewind_iters: tuple = ("500it",)
 
 
@@ -171,12 +172,23 @@ def validate(config: Config) -> Config:
         raise UserError(f"--scope must be global or layerwise, got {config.prune.scope!r}")
     if not 0 < config.prune.fraction < 1:
         raise UserError(f"--fraction must lie in (0, 1), got {config.prune.fraction}")
-    if config.train.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {config.train.batch_size}")
+    if config.train.batch_size < 1 or config.train.eval_batch_size < 1:
+        raise UserError(f"--batch_size and --eval_batch_size must be >= 1, got {config.train.batch_size} "
+                        f"and {config.train.eval_batch_size}")
+    if not config.train.lr > 0 or config.prune.levels < 0:
+        raise UserError(f"need --lr > 0 and --levels >= 0, got {config.train.lr} and {config.prune.levels}")
     for duration in (config.train.duration, config.train.warmup, config.train.eval_every,
                      *config.train.milestones, *config.train.save_steps, *config.prune.rewind_iters):
         to_steps(duration, 1)  # raises on a malformed duration
     return config
+
+
+def ignored_layers(config: Config) -> tuple:
+    """`prune.ignore` with "auto" replaced by the model's default: VGG keeps its output layer
+    unpruned (as the paper's code does), every other model prunes every kernel."""
+    auto = ("head",) if config.model.name.startswith("vgg") else ()
+    return tuple(dict.fromkeys(p for pattern in config.prune.ignore
+                               for p in (auto if pattern == "auto" else (pattern,))))
 
 
 def fingerprint(*parts) -> str:

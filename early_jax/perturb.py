@@ -107,16 +107,17 @@ def mix_signs_magnitudes(base, signs_from, magnitudes_from, mask):
                         base, mask, signs_from, magnitudes_from)
 
 
-def _shuffle_kept(u: jax.Array, w: jax.Array, m: jax.Array) -> jax.Array:
-    """1-D w with its kept entries permuted among the kept positions in the order of sort keys u.
+def _shuffle_kept(order: jax.Array, w: jax.Array, m: jax.Array) -> jax.Array:
+    """1-D w with its kept entries permuted among the kept positions in the order of `order`.
 
-    The kept count is data-dependent, so nothing is sliced: kept entries get their uniform sort
-    keys u and pruned ones +inf, so `source` lists the kept positions in random order followed by
-    the pruned ones in index order (stable sort); `slots` lists the kept positions in index order
-    followed by the same pruned ones. Scattering w[source] into slots is a permutation that maps
-    kept to kept at random and every pruned position to itself.
+    `order` holds distinct integer sort keys (entries of a random permutation; random floats would
+    tie in large layers and bias the shuffle). The kept count is data-dependent, so nothing is
+    sliced: pruned entries get the largest key, so `source` lists the kept positions in random
+    order followed by the pruned ones in index order (stable sort); `slots` lists the kept
+    positions in index order followed by the same pruned ones. Scattering w[source] into slots is a
+    permutation that maps kept to kept at random and every pruned position to itself.
     """
-    source = jnp.argsort(jnp.where(m, u, jnp.inf), stable=True)
+    source = jnp.argsort(jnp.where(m, order, jnp.iinfo(order.dtype).max), stable=True)
     slots = jnp.argsort(~m, stable=True)
     return w.at[slots].set(w[source])
 
@@ -132,11 +133,11 @@ def shuffle(key, params, mask, within: str = "layer", keep_signs: bool = False):
 
     def permute(i, path, w, m):
         values = jnp.abs(w) if keep_signs else w
-        u = _draw(jax.random.uniform, key, i, w)
+        order = jax.random.permutation(jax.random.fold_in(key, i), w.size).reshape(w.shape)
         if within == "layer":
-            moved = _shuffle_kept(u.ravel(), values.ravel(), m.ravel()).reshape(w.shape)
+            moved = _shuffle_kept(order.ravel(), values.ravel(), m.ravel()).reshape(w.shape)
         else:  # one row per filter: (out_channels, everything else)
-            rows = (x.reshape(-1, w.shape[-1]).T for x in (u, values, m))
+            rows = (x.reshape(-1, w.shape[-1]).T for x in (order, values, m))
             moved = jax.vmap(_shuffle_kept)(*rows).T.reshape(w.shape)
         return moved * _sign(w) if keep_signs else moved
 
@@ -154,25 +155,29 @@ def gaussian_noise(key, params, mask, scale, sigma):
 
 
 def effective_std(before, after, mask, sigma) -> dict:
-    """{path: std over kept entries of (after - before) / sigma_l, 'overall': ...}.
+    """{path: std over kept entries of (after - before) / sigma_l, 'overall': ..., 'raw': ...}.
 
     Puts any perturbation on the scale of Gaussian noise `n` (whose effective std is ~n).
     'overall' is the kept-count-weighted mean of the per-layer values (paper_spec 4.3), so large
-    layers dominate as they do in the network. std is the population std (ddof=0); a layer with
-    nothing kept reads 0 and carries no weight.
+    layers dominate as they do in the network. 'raw' is the std of (after - before) over every kept
+    weight of the network, unscaled (the paper quotes it in weight units). std is the population
+    std (ddof=0); a layer with nothing kept reads 0 and carries no weight.
     """
     sigma = _per_layer(sigma, mask)
     flat_mask, flat_b, flat_a = (traverse.flatten_dict(t) for t in (mask, before, after))
-    out, counts = {}, {}
+    out, counts, sums, squares = {}, {}, {}, {}
     for k in _sorted_paths(flat_mask):
         m, path = flat_mask[k], path_str(k)
-        diff = flat_a[k] - flat_b[k]
+        diff = jnp.where(m, flat_a[k] - flat_b[k], 0)
         n = m.sum()
-        mean = jnp.where(m, diff, 0).sum() / jnp.maximum(n, 1)
+        mean = diff.sum() / jnp.maximum(n, 1)
         var = jnp.where(m, (diff - mean) ** 2, 0).sum() / jnp.maximum(n, 1)
         out[path], counts[path] = jnp.sqrt(var) / sigma[path], n
-    total = sum(counts.values())
-    out["overall"] = sum(out[p] * counts[p] for p in counts) / jnp.maximum(total, 1)
+        sums[path], squares[path] = diff.sum(), (diff ** 2).sum()
+    total = jnp.maximum(sum(counts.values()), 1)
+    out["overall"] = sum(out[p] * counts[p] for p in counts) / total
+    pooled_mean = sum(sums.values()) / total
+    out["raw"] = jnp.sqrt(jnp.maximum(sum(squares.values()) / total - pooled_mean ** 2, 0))
     return out
 
 

@@ -26,7 +26,7 @@ def dense_identity(config: Config) -> dict:
     train = dataclasses.replace(config.train, seed_parallel="auto", eval_batch_size=0,
                                 eval_every="", save_steps=())
     return {"model": dataclasses.asdict(config.model), "data": dataclasses.asdict(config.data),
-            "train": dataclasses.asdict(train), "prune_ignore": list(config.prune.ignore)}
+            "train": dataclasses.asdict(train), "prune_ignore": list(cfg.ignored_layers(config))}
 
 
 def dense_key(config: Config) -> str:
@@ -51,15 +51,25 @@ def dense_run_dir(trainer: Trainer) -> RunDir:
 
 
 def check_rewind_steps(trainer: Trainer, steps) -> None:
-    """Refuse rewind steps the run cannot provide, before any training."""
+    """Refuse rewind steps the run cannot provide, before any training. Step 0 is always there
+    (rebuilt from the seeds); a later step needs a checkpoint at or before it: in the grid of a run
+    still to train, or among the checkpoints of the dense run already on disk."""
+    if not steps:
+        raise UserError("no rewind step given")
     for step in steps:
         if not 0 <= step < trainer.total_steps:
             raise UserError(f"rewind step {step} is outside the run: training has "
                             f"{trainer.total_steps} steps ({trainer.steps_per_epoch} per epoch)")
-    grid = save_steps(trainer)
-    if steps and (not grid or min(grid) > min(steps)):
+    later = [s for s in steps if s > 0]
+    if not later:
+        return
+    existing = os.path.exists(dense_dir(trainer.config))
+    grid = dense_run_dir(trainer).kept.steps() if existing else save_steps(trainer)
+    if not grid or min(grid) > min(later):
         first = f"the first saved step {min(grid)}" if grid else "every saved step (only the end is saved)"
-        raise UserError(f"rewind step {min(steps)} precedes {first}; add it to --save_steps")
+        where = (f"in the dense run already trained in {dense_dir(trainer.config)}; delete it to retrain "
+                 "with that step in --save_steps" if existing else "; add it to --save_steps")
+        raise UserError(f"rewind step {min(later)} precedes {first} {where}")
 
 
 def train_dense(trainer: Trainer) -> tuple[TrainState, dict, RunDir]:
@@ -76,16 +86,32 @@ def train_dense(trainer: Trainer) -> tuple[TrainState, dict, RunDir]:
 
 # ----- rewinding -----
 def state_at(trainer: Trainer, dense: RunDir, step: int) -> TrainState:
-    """The dense states of every seed at `step`: a kept checkpoint, or replayed from the nearest
-    earlier one (training is deterministic, so the replay equals what the run saw)."""
+    """The dense states of every seed at `step`: a kept checkpoint, W_0 rebuilt from the seeds, or
+    replayed from the nearest earlier checkpoint (training is deterministic, so the replay equals
+    what the run saw, when it runs as the dense run ran: see `check_replayable`)."""
     if not 0 <= step <= trainer.total_steps:
         raise UserError(f"rewind step {step} lies outside the run (0..{trainer.total_steps} steps)")
     saved = [s for s in dense.kept.steps() if s <= step]
     if not saved:
+        if step == 0:
+            return trainer.init(seeds_of(trainer.config))
         raise UserError(f"no dense checkpoint at or before step {step} in {dense.path}; "
-                        "add it to --save_steps and rerun the dense training")
+                        "delete that dense run and retrain it with the step in --save_steps")
     states = dense.restore(saved[-1], trainer.abstract_state(len(seeds_of(trainer.config))))
-    return trainer.advance(states, step)[0] if saved[-1] < step else states
+    if saved[-1] == step:
+        return states
+    check_replayable(trainer, dense, step)
+    return trainer.advance(states, step)[0]
+
+
+def check_replayable(trainer: Trainer, dense: RunDir, step: int) -> None:
+    """Refuse to replay steps of a dense run computed another way (backend, seed parallelism,
+    device count): the replay would drift from the run's trajectory."""
+    recorded = dense.result().get("execution") if dense.complete() else None
+    if recorded not in (None, trainer.execution):
+        raise UserError(f"step {step} must be replayed from an earlier checkpoint of {dense.path}, which "
+                        f"was trained with {recorded}; here it would run with {trainer.execution} and "
+                        "not reproduce the run. Run with those settings, or rewind to a saved step")
 
 
 def rewind(trainer: Trainer, states_k: TrainState, mask) -> TrainState:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from early_jax import masks, models, pipeline
-from early_jax.config import to_steps
+from early_jax.config import ignored_layers, to_steps
 from early_jax.data.device import (Preprocess, blur, fixed_quarter_turns, fixed_random_labels,
                                    rotate_host)
 from early_jax.data.record import Dataset
@@ -178,7 +178,7 @@ def pretrain(main: Trainer, task: Task, epochs: int, root: str, sparse_mask=None
         states = trainer.init(seeds)
         if sparse_mask is None:
             return states
-        wide = jax.vmap(lambda m, p: widen_mask(m, p, main.config.prune.ignore))(sparse_mask, states.params)
+        wide = jax.vmap(lambda m, p: widen_mask(m, p, ignored_layers(main.config)))(sparse_mask, states.params)
         return states.replace(params=jax.jit(jax.vmap(masks.apply_mask))(states.params, wide), mask=wide)
 
     description = {"kind": "pretrain", "task": dataclasses.asdict(task), "epochs": epochs,

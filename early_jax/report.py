@@ -214,13 +214,17 @@ def imp_table(imp: list[dict]) -> str:
 
 def perturbation_table(rows: list[dict]) -> str:
     acc = _grouped(rows, ("level", "treatment"), "accuracy")
-    eff = _grouped(rows, ("level", "treatment"), "effective_std")
     dens = _grouped(rows, ("level", "treatment"), "density")
+    spread = {name: _grouped([r | {name: r.get(name, np.nan)} for r in rows], ("level", "treatment"), name)
+              for name in ("effective_std", "perturbation_std")}  # tables written before the raw std lack it
+    shown = lambda name, cell, digits: ("" if _finite_mean(spread[name][cell]) is None
+                                        else f"{_finite_mean(spread[name][cell]):.{digits}f}")
     levels = {lv for lv, t in acc if not t.startswith(("control", "rewind"))}
     body = [[lv, f"{100 * np.mean(dens[(lv, t)]):.1f}", t, _mean_std(acc[(lv, t)]),
-             "" if _finite_mean(eff[(lv, t)]) is None else f"{_finite_mean(eff[(lv, t)]):.2f}"]
+             shown("effective_std", (lv, t), 2), shown("perturbation_std", (lv, t), 4)]
             for lv, t in acc if lv in levels]
-    return _markdown(["level", "% left", "treatment", "accuracy (%)", "effective std"], body)
+    return _markdown(["level", "% left", "treatment", "accuracy (%)", "effective std",
+                      "std of the change"], body)
 
 
 def instability_table(barriers: list[dict]) -> str:

@@ -127,13 +127,13 @@ def run(trainer: Trainer, run_dir: RunDir, *, description: dict, initial: Callab
             line = _metrics_line(trainer, boundary, window, test, bar.rate(boundary))
             final = test if boundary == end else None
             window = []
+            prog.append_jsonl(run_dir.file("metrics.jsonl"), line)  # before the resume point moves
             if boundary not in save_steps:
                 run_dir.resume.save(boundary, states)
-            prog.append_jsonl(run_dir.file("metrics.jsonl"), line)
             bar.update(boundary, f"test acc {100 * np.mean(line['test_accuracy']):.2f}%", force=True)
     final = final or trainer.evaluate(states)  # evaluated at `end` already, unless nothing ran
     result = {"step": end, "seeds": description["seeds"], "wall_s": time.time() - t_start,
-              **{k: v.tolist() for k, v in final.items()}}
+              "execution": trainer.execution, **{k: v.tolist() for k, v in final.items()}}
     prog.write_json(run_dir.file("result.json"), result)
     bar.done(f"done: test accuracy {_mean_std(final['test_accuracy'])}")
     return states, result

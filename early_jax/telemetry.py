@@ -10,14 +10,18 @@ IMP mask, over only the weights that mask keeps ("sub"). Per-layer versions come
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from early_jax import masks, pipeline, report
+from early_jax.errors import UserError
 from early_jax.train import Trainer, TrainState
 
 STATS = ("mean_abs", "sign_flip", "dist_init", "dist_final", "cos_init", "cos_final")
@@ -83,29 +87,48 @@ def log_spaced_steps(end: int) -> list[int]:
     return steps + [end]
 
 
-def replay(trainer: Trainer, start_states: TrainState, refs: dict, end: int) -> tuple[TrainState, dict]:
+def replay(trainer: Trainer, start_states: TrainState, refs: dict, end: int,
+           saved: dict[int, Callable[[], Any]] | None = None) -> tuple[TrainState, dict]:
     """Train from step 0 to `end` observing every step; test metrics at log-spaced steps.
 
+    `saved` ({step: () -> params}, the run's own checkpoints) are compared with the replay as it
+    passes them: distances to the run's final weights mean something only if the replay is the run.
     Returns the states at `end` and a dict of arrays: per-step stats [end+1, S, ...] (row 0 is the
     state before any step) and `test_*` [len(eval_steps), S] with `eval_steps`.
     """
+    saved = {s: load for s, load in (saved or {}).items() if 0 < s <= end}
+    eval_steps = log_spaced_steps(end)
     first = jax.jit(jax.vmap(observe))(start_states, refs)
     steps_log, evals = [], []
     states = start_states
-    for boundary in log_spaced_steps(end):
+    for boundary in sorted(set(eval_steps) | set(saved)):
         if boundary > 0:
             states, metrics = trainer.advance(states, boundary, observe=observe, refs=refs)
             steps_log.append(metrics)
-        evals.append(trainer.evaluate(states))
+        if boundary in saved:
+            check_same_weights(states.params, saved[boundary](), boundary)
+        if boundary in eval_steps:
+            evals.append(trainer.evaluate(states))
     per_step = {k: np.concatenate([np.asarray(first[k])[None]] + [m[k] for m in steps_log])
                 for k in first}
     for name in ("loss", "accuracy", "grad_norm"):  # the step's own metrics; none before step 0
         values = np.concatenate([m[name] for m in steps_log])
         per_step[name] = np.concatenate([np.full((1, values.shape[1]), np.nan), values])
-    per_step["eval_steps"] = np.array(log_spaced_steps(end))
+    per_step["eval_steps"] = np.array(eval_steps)
     for key in evals[0]:
         per_step[key] = np.stack([e[key] for e in evals])
     return states, per_step
+
+
+def check_same_weights(replayed, saved, step: int, rtol: float = 1e-5) -> None:
+    """Refuse a replay that drifted from the run's checkpoint (relative to the weights' size)."""
+    gap = float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, replayed, saved)))
+    size = float(optax.tree.norm(saved))
+    if gap > rtol * size:
+        raise UserError(f"replaying the dense run does not reproduce its checkpoint at step {step} "
+                        f"(|replay - saved| = {gap:.3g} vs |w| = {size:.3g}): it was trained another "
+                        "way (backend, seed parallelism, device count); retrain it here (another "
+                        "--workdir) to measure distances to its final weights")
 
 
 def telemetry_rows(per_step: dict, seeds: list[int], every: int = 1) -> list[dict]:
@@ -150,8 +173,8 @@ def run_telemetry(trainer: Trainer, end: int, *, level: int = 0, rewind: int = 0
     telemetry_layers.csv and telemetry.png into a folder of the dense run; returns that folder.
     A finished folder is reused."""
     dense_states, _, dense = pipeline.train_dense(trainer)
-    sub = f"_level{level}_k{rewind}" if level else ""
-    out = os.path.join(dense.path, f"telemetry_{end}{sub}")
+    sub = f"_{pipeline.imp_name(trainer.config)}_level{level}_k{rewind}" if level else ""
+    out = os.path.join(dense.path, f"telemetry_{end}_every{every}{sub}")
     if os.path.exists(os.path.join(out, "telemetry.png")):
         return out
     subnet = None
@@ -164,7 +187,10 @@ def run_telemetry(trainer: Trainer, end: int, *, level: int = 0, rewind: int = 0
                                         sample_keys(start))
     layers = layer_names(jax.tree.map(lambda x: x[0], start.params),
                          jax.tree.map(lambda x: x[0], start.mask))
-    _, per_step = replay(trainer, start, refs, end)
+    pipeline.check_replayable(trainer, dense, end)
+    params_at = lambda step: dense.restore(step, dense_states).params
+    _, per_step = replay(trainer, start, refs, end,
+                         saved={s: functools.partial(params_at, s) for s in dense.kept.steps()})
     seeds = pipeline.seeds_of(trainer.config)
     rows = telemetry_rows(per_step, seeds, every)
     report.write_csv(rows, os.path.join(out, "telemetry.csv"))

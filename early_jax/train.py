@@ -17,7 +17,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from early_jax import masks, models, sharding
-from early_jax.config import Config, TrainConfig, to_steps
+from early_jax.config import Config, TrainConfig, ignored_layers, to_steps
 from early_jax.data.device import (Preprocess, TrainArrays, epoch_permutation, normalize,
                                    steps_per_epoch, train_batch)
 from early_jax.data.record import Dataset
@@ -151,6 +151,10 @@ class Trainer:
         self.model = models.create(config.model.name, num_classes or dataset.num_classes,
                                    bn_scale_init=config.model.bn_scale_init,
                                    dtype=config.model.compute_dtype)
+        if len(dataset.x_train) < tc.batch_size:
+            raise UserError(f"{dataset.name} has {len(dataset.x_train)} training examples, fewer than "
+                            f"one batch of {tc.batch_size}; lower --batch_size")
+        self.ignore = ignored_layers(config)
         self.steps_per_epoch = steps_per_epoch(len(dataset.x_train), tc.batch_size)
         self.total_steps = to_steps(tc.duration, self.steps_per_epoch)
         self.tx = make_optimizer(tc)
@@ -166,6 +170,13 @@ class Trainer:
         self._zero_momentum = jax.jit(jax.vmap(self.tx.init))
         self._advance = {None: self._compile_advance()}
         self._evaluate = self._compile_evaluate()
+        if self.ignore:
+            self._check_ignore_patterns()
+
+    @property
+    def execution(self) -> dict:
+        """How this trainer computes: what must match for a replay to reproduce a run's steps."""
+        return {"backend": jax.default_backend(), "seed_parallel": self.parallel, "devices": self.mesh.size}
 
     # ----- state -----
     def init_one(self, seed) -> TrainState:
@@ -175,7 +186,7 @@ class Trainer:
         params = variables["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           batch_stats=variables["batch_stats"], opt_state=self.tx.init(params),
-                          mask=masks.prunable_mask(params, self.config.prune.ignore), keys=keys)
+                          mask=masks.prunable_mask(params, self.ignore), keys=keys)
 
     def init(self, seeds) -> TrainState:
         """States for the given seeds, stacked on a leading axis sharded over the devices."""
@@ -186,6 +197,16 @@ class Trainer:
     def abstract_state(self, num_seeds: int) -> TrainState:
         """Shapes, dtypes and shardings of an S-seed state, for restoring checkpoints."""
         return self._init.eval_shape(jax.ShapeDtypeStruct((num_seeds,), jnp.int32))
+
+    def _check_ignore_patterns(self) -> None:
+        """An ignore pattern that matches no kernel is a typo (e.g. PyTorch's 'fc' for 'head')."""
+        params = jax.eval_shape(lambda: models.init_variables(self.model, jax.random.key(0),
+                                                              self.dataset.image_shape))["params"]
+        kernels = models.prunable_paths(params)
+        unmatched = [p for p in self.ignore if not any(models.is_ignored(k, [p]) for k in kernels)]
+        if unmatched:
+            raise UserError(f"--ignore {unmatched} matches no layer of {self.config.model.name}; its "
+                            f"kernels are {', '.join(kernels)}")
 
     def fresh_optimizer(self, states: TrainState) -> TrainState:
         """Momentum buffers back to zero (rewinding starts a new optimizer)."""

@@ -7,7 +7,7 @@ Trains (or reuses) the dense run, replays its first N steps with the statistics 
 compiled step, and writes telemetry.csv, telemetry_layers.csv and telemetry.png. With --level=L the
 statistics are also computed over the weights kept by IMP level L (rewinding to --rewind_iter).
 """
-from early_jax import cli, data, telemetry
+from early_jax import cli, data, pipeline, telemetry
 from early_jax.config import to_steps
 from early_jax.errors import UserError
 from early_jax.train import Trainer
@@ -18,8 +18,10 @@ def main(args):
     trainer = Trainer(config, data.load(config.data.name, config.data.data_dir))
     steps = min(to_steps(args.steps, trainer.steps_per_epoch), trainer.total_steps)
     rewind = to_steps(args.rewind_iter, trainer.steps_per_epoch)
-    if args.level < 0 or args.every < 1:
-        raise UserError("--level must be >= 0 and --every >= 1")
+    if args.level < 0 or args.every < 1 or steps < 1:
+        raise UserError("--level must be >= 0, --every >= 1 and --steps at least one step")
+    if args.level:
+        pipeline.check_rewind_steps(trainer, [rewind])
     print(f"telemetry of the first {steps} steps of {config.model.name} ({config.num_seeds} seed(s))"
           + (f", subnetwork of IMP level {args.level} rewound to {rewind}" if args.level else ""))
     out = telemetry.run_telemetry(trainer, steps, level=args.level, rewind=rewind, every=args.every)

@@ -22,7 +22,7 @@ def test_branches_reuse_imp_and_train_all_rows_from_k_in_one_run(trainer, monkey
     monkeypatch.setattr(trainer, "advance", lambda s, e, c=None: starts.append(
         (current_step(s), s.step.shape[0])) or real(s, e, c))
     treatments = [branches.Treatment("shuffle_layer_keep_signs"), branches.Treatment("noise", 2.0)]
-    rows = branches.run_branches(trainer, K, [1, 2], treatments, "test")
+    rows, out = branches.run_branches(trainer, K, [1, 2], treatments, "test")
     # one stacked run of 2 levels x 2 treatments x 2 seeds, starting at k; no IMP level retrained
     assert starts and all(rows_ == 8 for _, rows_ in starts) and starts[0][0] == K
     assert len(rows) == 8
@@ -33,8 +33,13 @@ def test_branches_reuse_imp_and_train_all_rows_from_k_in_one_run(trainer, monkey
     noise = [r["effective_std"] for r in rows if r["treatment"] == "noise 2x"]
     assert np.allclose(noise, 2.0, atol=0.35)
     starts.clear()
-    assert branches.run_branches(trainer, K, [1, 2], treatments, "test") == rows  # finished: reused
+    assert branches.run_branches(trainer, K, [1, 2], treatments, "test") == (rows, out)  # finished: reused
     assert not starts
+    # another set of rows gets its own folder beside the finished one (here: stopped before training)
+    monkeypatch.setattr(trainer, "advance", lambda *a, **k: pytest.fail("stop"))
+    with pytest.raises(pytest.fail.Exception):
+        branches.run_branches(trainer, K, [1], treatments, "test")
+    assert branches.branch_dir(trainer, K, "test", [1], treatments).path != out
 
 
 def test_each_row_starts_from_the_perturbed_rewound_weights_of_its_level(trainer):
@@ -60,11 +65,18 @@ def test_references_are_the_imp_rows(trainer):
 
 
 @pytest.mark.parametrize("treatment,match", [(branches.Treatment("shuffle_columns"), "unknown perturbation"),
-                                             (branches.Treatment("noise"), "noise needs a scale")])
+                                             (branches.Treatment("noise"), "noise needs a finite scale"),
+                                             (branches.Treatment("noise", float("nan")), "finite scale")])
 def test_bad_treatments_fail_before_training(trainer, treatment, match, monkeypatch):
     monkeypatch.setattr(trainer, "advance", lambda *a, **k: pytest.fail("no training"))
     with pytest.raises(UserError, match=match):
         branches.run_experiment(trainer, K, [1], [treatment], "bad", "bad")
+
+
+def test_an_empty_treatment_list_fails_before_training(trainer, monkeypatch):
+    monkeypatch.setattr(trainer, "advance", lambda *a, **k: pytest.fail("no training"))
+    with pytest.raises(UserError, match="no perturbation"):
+        branches.run_experiment(trainer, K, [1], [], "none", "none")
 
 
 def test_rewind_outside_the_run_fails_before_training(trainer):

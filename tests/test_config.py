@@ -44,7 +44,34 @@ def test_bad_flags_are_one_clear_error(flags, match):
 @pytest.mark.parametrize("flags,match", [({"model": "resnet21"}, "unknown model"),
                                          ({"num_seeds": "0"}, "num_seeds"),
                                          ({"duration": "10 epochs"}, "duration"),
-                                         ({"scope": "local"}, "scope")])
+                                         ({"scope": "local"}, "scope"),
+                                         ({"eval_batch_size": "0"}, "eval_batch_size"),
+                                         ({"lr": "-0.1"}, "lr > 0"),
+                                         ({"lr": "nan"}, "lr > 0"),
+                                         ({"levels": "-1"}, "levels >= 0")])
 def test_validation_catches_bad_settings_before_work(flags, match):
     with pytest.raises(UserError, match=match):
         cfg.validate(cfg.override(cfg.PRESETS["fashion_cpu"], flags))
+
+
+def test_vgg_keeps_its_output_layer_unpruned_by_default_and_flags_override_it():
+    vgg = cfg.override(cfg.PRESETS["cifar10_resnet20"], {"model": "vgg19"})
+    assert cfg.ignored_layers(vgg) == ("head",)
+    assert cfg.ignored_layers(cfg.PRESETS["cifar10_resnet20"]) == ()
+    assert cfg.ignored_layers(cfg.override(vgg, {"ignore": ""})) == ()
+    assert cfg.ignored_layers(cfg.override(vgg, {"ignore": "auto,stem*"})) == ("head", "stem*")
+
+
+def test_an_ignore_pattern_that_matches_no_layer_is_refused():
+    from early_jax.train import Trainer
+    from helpers import TINY_DATA, tiny_config
+    with pytest.raises(UserError, match="matches no layer"):
+        Trainer(tiny_config(ignore="classifier"), TINY_DATA)
+    assert Trainer(tiny_config(ignore="head"), TINY_DATA).ignore == ("head",)
+
+
+def test_a_dataset_smaller_than_a_batch_is_refused():
+    from early_jax.train import Trainer
+    from helpers import TINY_DATA, tiny_config
+    with pytest.raises(UserError, match="fewer than one batch"):
+        Trainer(tiny_config(batch_size=200), TINY_DATA)

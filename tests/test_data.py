@@ -88,6 +88,15 @@ def test_channel_statistics_are_exact(rng):
     np.testing.assert_allclose(ds.std, pixels.std(0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("x,y_test,match", [
+    (np.zeros((4, 3, 8, 8), np.uint8), [0], "channels-first"),
+    (np.zeros((4, 8, 8, 3), np.uint8), [-1], "labels must lie"),
+    (np.zeros((4, 8, 8, 3), np.float32), [0], "uint8")])
+def test_malformed_arrays_are_refused(x, y_test, match):
+    with pytest.raises(ValueError, match=match):
+        data.make_dataset("t", x, np.zeros(4), x[:1], y_test)
+
+
 @pytest.mark.parametrize("bad,match", [("/no/such/path", "unknown dataset"), ("imagenet", "unknown dataset")])
 def test_bad_dataset_names_are_one_clear_error(bad, match):
     with pytest.raises(UserError, match=match):

@@ -88,6 +88,19 @@ def test_shuffle_gives_identical_layers_independent_permutations():
     assert not np.array_equal(out["a"]["kernel"], out["b"]["kernel"])
 
 
+def test_shuffle_draws_every_arrangement_of_the_kept_values_equally_often():
+    """Kept values 1, 2, 3 among pruned zeros: each of the 3! arrangements about 1/6 of the time."""
+    params = {"a": {"kernel": jnp.array([1.0, 0.0, 2.0, 0.0, 3.0])}}
+    mask = {"a": {"kernel": params["a"]["kernel"] != 0}}
+    draws = 1200
+    shuffled = jax.vmap(lambda k: perturb.shuffle(k, params, mask)["a"]["kernel"])(
+        jax.random.split(jax.random.key(0), draws))
+    arrangements, counts = np.unique(np.asarray(shuffled)[:, [0, 2, 4]], axis=0, return_counts=True)
+    assert len(arrangements) == 6 and np.all(np.asarray(shuffled)[:, [1, 3]] == 0)
+    chi2 = float(np.sum((counts - draws / 6) ** 2 / (draws / 6)))
+    assert chi2 < 20.5  # p ~ 0.001 at 5 degrees of freedom
+
+
 def test_reinit_matches_init_std_and_keep_signs_keeps_signs():
     w_k, _, mask = setup(shapes=BIG_SHAPES)
     sigma = math.sqrt(2 / (3 * 3 * 64))
@@ -149,9 +162,13 @@ def test_effective_std_of_noise_n_is_n(n):
     w_k, w_0, mask = setup(shapes=BIG_SHAPES)
     out = perturb.apply("noise", jax.random.key(6), w_k, w_0, mask, scale=n)
     eff = perturb.effective_std(w_k, out, mask, perturb.init_std(w_k, mask))
-    assert set(eff) == {"conv/kernel", "head/kernel", "overall"}
-    for value in eff.values():
-        assert abs(float(value) / n - 1) < 0.05
+    assert set(eff) == {"conv/kernel", "head/kernel", "overall", "raw"}
+    for name, value in eff.items():
+        if name != "raw":
+            assert abs(float(value) / n - 1) < 0.05
+    changes = np.concatenate([(np.asarray(out_w) - np.asarray(w))[np.asarray(m)] for (w, m), (out_w, _)
+                              in zip(kernels(w_k, mask).values(), kernels(out, mask).values())])
+    np.testing.assert_allclose(float(eff["raw"]), changes.std(), rtol=1e-4)
     counts = {p: int(m.sum()) for p, (_, m) in kernels(w_k, mask).items()}
     weighted = sum(float(eff[p]) * c for p, c in counts.items()) / sum(counts.values())
     np.testing.assert_allclose(float(eff["overall"]), weighted, rtol=1e-5)

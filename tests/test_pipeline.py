@@ -102,9 +102,37 @@ def test_rewind_steps_outside_the_run_are_refused_before_training(study):
         pipeline.check_rewind_steps(trainer, [0, 500])
 
 
-def test_rewind_steps_before_the_checkpoint_grid_are_refused(study):
+def test_rewind_steps_before_the_checkpoint_grid_are_refused(study, tmp_path):
     trainer, _ = study
-    no_grid = Trainer(with_workdir(tiny_config(save_steps="3it"), trainer.config.workdir), TINY_DATA)
+    no_grid = Trainer(with_workdir(tiny_config(save_steps="3it"), str(tmp_path)), TINY_DATA)
     with pytest.raises(UserError, match="precedes the first saved step 3"):
-        pipeline.check_rewind_steps(no_grid, [0])
-    pipeline.check_rewind_steps(no_grid, [3, 5])  # 5 is replayed from 3
+        pipeline.check_rewind_steps(no_grid, [2])
+    pipeline.check_rewind_steps(no_grid, [0, 3, 5])  # 0 is rebuilt from the seeds, 5 replayed from 3
+    # a dense run already on disk answers with the checkpoints it has, not the grid asked for now
+    pipeline.train_dense(no_grid)
+    finer = Trainer(with_workdir(tiny_config(save_steps="1it,3it"), str(tmp_path)), TINY_DATA)
+    with pytest.raises(UserError, match="already trained"):
+        pipeline.check_rewind_steps(finer, [1])
+
+
+def test_step_zero_without_a_checkpoint_is_rebuilt_from_the_seeds(tmp_path):
+    trainer = Trainer(with_workdir(tiny_config(save_steps="3it"), str(tmp_path)), TINY_DATA)
+    _, _, dense = pipeline.train_dense(trainer)
+    assert 0 not in dense.kept.steps()
+    rebuilt, fresh = pipeline.state_at(trainer, dense, 0), trainer.init(pipeline.seeds_of(trainer.config))
+    for a, b in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(fresh)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_computed_another_way_is_not_replayed(study, tmp_path):
+    trainer, _ = study
+    dense = pipeline.dense_run_dir(trainer)
+    assert dense.result()["execution"] == trainer.execution
+    pipeline.check_replayable(trainer, dense, 4)
+    other = pipeline.RunDir(str(tmp_path / "other"))
+    other_result = dense.result() | {"execution": trainer.execution | {"seed_parallel": "other"}}
+    with open(other.file("result.json"), "w") as f:
+        import json
+        json.dump(other_result, f)
+    with pytest.raises(UserError, match="not reproduce the run"):
+        pipeline.check_replayable(trainer, other, 4)

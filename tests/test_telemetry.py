@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from early_jax import masks, pipeline, telemetry
+from early_jax.errors import UserError
 from early_jax.train import Trainer, current_step
 from helpers import TINY_DATA, tiny_config, with_workdir
 
@@ -55,6 +56,18 @@ def test_replay_reproduces_the_runs_early_weights_exactly(trained):
         np.testing.assert_array_equal(a, b)
     assert per_step["all_dist_init"].shape == (7, 2) and np.all(per_step["all_dist_init"][0] == 0)
     assert list(per_step["eval_steps"]) == [0, 1, 2, 4, 6]
+
+
+def test_a_replay_that_drifts_from_the_runs_checkpoints_is_refused(trained):
+    trainer, final, dense = trained
+    start = pipeline.state_at(trainer, dense, 0)
+    refs = jax.jit(jax.vmap(telemetry.make_refs))(start.params, final.params, start.mask, None,
+                                                   telemetry.sample_keys(start))
+    saved_3 = dense.restore(3, trainer.abstract_state(2)).params
+    nudged = jax.tree.map(lambda w: w * 1.01, saved_3)
+    telemetry.replay(trainer, pipeline.state_at(trainer, dense, 0), refs, 4, saved={3: lambda: saved_3})
+    with pytest.raises(UserError, match="does not reproduce its checkpoint at step 3"):
+        telemetry.replay(trainer, start, refs, 4, saved={3: lambda: nudged})
 
 
 def test_in_scan_statistics_equal_step_by_step_statistics(trained):

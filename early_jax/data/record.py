@@ -40,7 +40,7 @@ def make_dataset(name, x_train, y_train, x_test, y_test, num_classes=None) -> Da
                          f"{x_test.shape[1:]} have different shapes")
     if num_classes is None:
         num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
-    if y_train.min(initial=0) < 0 or max(y_train.max(initial=0), y_test.max(initial=0)) >= num_classes:
+    if min(y_train.min(initial=0), y_test.min(initial=0)) < 0 or max(y_train.max(initial=0), y_test.max(initial=0)) >= num_classes:
         raise ValueError(f"dataset {name!r}: labels must lie in [0, {num_classes})")
     mean, std = _channel_stats(x_train)
     return Dataset(name, x_train, y_train, x_test, y_test, int(num_classes),
@@ -66,4 +66,7 @@ def _as_nhwc_uint8(x, name) -> np.ndarray:
         raise ValueError(f"dataset {name!r}: images must be [N,H,W] or [N,H,W,C], got shape {x.shape}")
     if x.dtype != np.uint8:
         raise ValueError(f"dataset {name!r}: images must be uint8, got {x.dtype}")
+    if x.shape[1] in (1, 3) and x.shape[-1] > 4:
+        raise ValueError(f"dataset {name!r}: images of shape {x.shape} look channels-first (NCHW); "
+                         "store them as [N,H,W,C], e.g. x.transpose(0, 2, 3, 1)")
     return x
