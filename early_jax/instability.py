@@ -252,7 +252,7 @@ def train_second_copy(trainer: Trainer, dense: RunDir, rewind_step: int, level: 
 
 
 def copies_description(trainer: Trainer, dense: RunDir, rewind_step: int, level: int) -> dict:
-    prune = dataclasses.asdict(trainer.config.prune) | {"levels": None, "rewind_iters": None}
+    prune = pipeline.prune_identity(trainer)
     return {"kind": "instability_second_copy", "dense": os.path.basename(dense.path),
             "rewind": rewind_step, "level": level, "prune": prune if level else None,
             "copy_salt": COPY_SALT, "seeds": pipeline.seeds_of(trainer.config)}

@@ -147,6 +147,12 @@ def mask_densities(mask) -> list[float]:
     return [float(d) for d in jax.vmap(masks.density)(mask)]
 
 
+def prune_identity(trainer: Trainer) -> dict:
+    """What determines the masks of every IMP level (not how many levels or which rewind steps)."""
+    return dataclasses.asdict(trainer.config.prune) | {"levels": None, "rewind_iters": None,
+                                                      "ignore": list(trainer.ignore)}
+
+
 def imp_chain(trainer: Trainer, root: str, rewind_point: Callable[[], TrainState],
               level0: TrainState, levels: int, identity: dict, label: str) -> list[tuple]:
     """Levels 1..N of IMP: level L prunes the final weights of level L-1 (level 0: `level0`),
@@ -163,7 +169,7 @@ def imp_chain(trainer: Trainer, root: str, rewind_point: Callable[[], TrainState
         return cache[0]
 
     previous, out = level0, []
-    prune = dataclasses.asdict(trainer.config.prune) | {"levels": None, "rewind_iters": None}
+    prune = prune_identity(trainer)
     for level in range(1, levels + 1):
         description = {"kind": "imp_level", **identity, "level": level, "prune": prune,
                        "seeds": seeds_of(trainer.config)}
