@@ -59,6 +59,14 @@ def test_kernels_are_untruncated_he_normal_and_bn_scale_uniform():
     assert np.all(np.asarray(params["stem_bn"]["scale"]) == 1)
 
 
+@pytest.mark.parametrize("shape", [(3, 3, 16, 32), (7, 7, 3, 64), (64, 10)])
+def test_flat_he_draw_equals_flax_variance_scaling_exactly(shape):
+    """Drawn flat for compile speed; the numbers are those of the library initialiser."""
+    reference = jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+    key = jax.random.key(5)
+    np.testing.assert_array_equal(layers.he_normal_untruncated(key, shape), reference(key, shape))
+
+
 def test_fc_and_vgg_conv_biases_use_pytorch_uniform_bound():
     params = models.init_variables(models.create("vgg11"), jax.random.key(0), (32, 32, 3))["params"]
     bound = 1 / np.sqrt(9 * 3)

@@ -11,8 +11,16 @@ import jax.numpy as jnp
 
 from early_jax.models.cpu_conv import flax_conv_fn, flax_conv_fn_with_barrier
 
-# He/Kaiming normal, fan_in, gain sqrt(2), *untruncated* (`he_normal` would truncate).
-he_normal_untruncated = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+def he_normal_untruncated(key, shape, dtype=jnp.float32):
+    """He/Kaiming normal N(0, 2 / fan_in), fan_in = prod(shape[:-1]) (HWIO conv or (in, out) dense
+    kernels), *untruncated* (`nn.initializers.he_normal` would truncate).
+
+    The same numbers as `variance_scaling(2.0, "fan_in", "normal")`, but drawn flat and reshaped:
+    XLA:CPU compiles a threefry draw of a 4-D shape several times slower (partitionable threefry
+    numbers the draws by flat index, so the values do not change).
+    """
+    std = jnp.sqrt(jnp.asarray(2.0 / math.prod(shape[:-1]), dtype))
+    return (jax.random.normal(key, (math.prod(shape),), dtype) * std).reshape(shape)
 
 
 def symmetric_uniform(limit: float):
