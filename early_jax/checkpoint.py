@@ -27,10 +27,12 @@ class Checkpoints:
         self.keep_latest = keep_latest
 
     @contextlib.contextmanager
-    def _manager(self):
+    def _manager(self, cleanup: bool = False):
+        """`cleanup`: remove half-written steps of a killed save (only before saving: the cleanup
+        runs in a background thread that `close` does not wait for, and two would race)."""
         options = ocp.CheckpointManagerOptions(max_to_keep=self.keep_latest, create=True,
                                                enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True)
+                                               cleanup_tmp_directories=cleanup)
         manager = ocp.CheckpointManager(self.directory, options=options)
         try:
             yield manager
@@ -44,7 +46,7 @@ class Checkpoints:
             return sorted(manager.all_steps())
 
     def save(self, step: int, state) -> None:
-        with self._manager() as manager:
+        with self._manager(cleanup=True) as manager:
             if step not in manager.all_steps():
                 manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
                 manager.wait_until_finished()
@@ -64,8 +66,10 @@ class Checkpoints:
                 restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as err:  # Orbax raises many types; the user needs the path and the cause
             raise UserError(f"checkpoint {path} (step {step}) cannot be restored into this run: "
-                            f"{_first_line(err)}. It was written by a different configuration or is "
-                            "corrupt; use another --workdir or delete that folder to recompute it") from err
+                            f"{_cause(err)}. It was written by a different configuration or is corrupt: "
+                            "use another --workdir, or delete that folder (and the run's result.json if "
+                            "it is the final step) and rerun to recompute it from the checkpoint "
+                            "before it") from err
         return flax.serialization.from_state_dict(target, restored)
 
 
@@ -74,6 +78,10 @@ def _abstract(x):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
-def _first_line(err: Exception) -> str:
+def _cause(err: BaseException) -> str:
+    """The first line of the innermost exception: Orbax wraps the telling one (e.g. a truncated
+    stream) in generic ones."""
+    while err.__cause__ or err.__context__:
+        err = err.__cause__ or err.__context__
     text = str(err).strip().splitlines()
     return text[0][:400] if text else type(err).__name__

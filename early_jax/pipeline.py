@@ -9,7 +9,7 @@ from typing import Callable
 import jax
 
 from early_jax import config as cfg
-from early_jax import masks
+from early_jax import masks, progress
 from early_jax.config import Config, to_steps
 from early_jax.errors import UserError
 from early_jax.runner import RunDir, run
@@ -63,13 +63,23 @@ def check_rewind_steps(trainer: Trainer, steps) -> None:
     later = [s for s in steps if s > 0]
     if not later:
         return
-    existing = os.path.exists(dense_dir(trainer.config))
-    grid = dense_run_dir(trainer).kept.steps() if existing else save_steps(trainer)
+    grid, started = checkpoint_grid(trainer)
     if not grid or min(grid) > min(later):
         first = f"the first saved step {min(grid)}" if grid else "every saved step (only the end is saved)"
-        where = (f"in the dense run already trained in {dense_dir(trainer.config)}; delete it to retrain "
-                 "with that step in --save_steps" if existing else "; add it to --save_steps")
+        where = (f"in the dense run already (partly) trained in {dense_dir(trainer.config)}; delete it to "
+                 "retrain with that step in --save_steps" if started else "; add it to --save_steps")
         raise UserError(f"rewind step {min(later)} precedes {first} {where}")
+
+
+def checkpoint_grid(trainer: Trainer) -> tuple[list[int], bool]:
+    """(steps the dense run has or will save, whether it has trained any steps yet): what is on
+    disk, plus the configured grid beyond the point an unfinished run would resume from."""
+    dense = dense_run_dir(trainer) if os.path.exists(dense_dir(trainer.config)) else None
+    latest = dense.latest_step() if dense else None
+    if dense and dense.complete():
+        return dense.kept.steps(), True
+    planned = [s for s in save_steps(trainer) if latest is None or s > latest]
+    return sorted(set(dense.kept.steps() if dense else []) | set(planned)), latest is not None
 
 
 def train_dense(trainer: Trainer) -> tuple[TrainState, dict, RunDir]:
@@ -107,7 +117,8 @@ def state_at(trainer: Trainer, dense: RunDir, step: int) -> TrainState:
 def check_replayable(trainer: Trainer, dense: RunDir, step: int) -> None:
     """Refuse to replay steps of a dense run computed another way (backend, seed parallelism,
     device count): the replay would drift from the run's trajectory."""
-    recorded = dense.result().get("execution") if dense.complete() else None
+    path = dense.file("execution.json")
+    recorded = progress.read_json(path) if os.path.exists(path) else None
     if recorded not in (None, trainer.execution):
         raise UserError(f"step {step} must be replayed from an earlier checkpoint of {dense.path}, which "
                         f"was trained with {recorded}; here it would run with {trainer.execution} and "

@@ -6,6 +6,8 @@ import os
 import sys
 import time
 
+from early_jax.errors import UserError
+
 
 def format_seconds(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -65,8 +67,12 @@ def write_json(path: str, obj) -> None:
 
 
 def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); delete it (a run rebuilds its own "
+                        "files) or restore it") from None
 
 
 def append_jsonl(path: str, obj) -> None:

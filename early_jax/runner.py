@@ -2,6 +2,8 @@
 
 Layout of a run dir:
   run.json         what the run is (kind, config, seeds, start and end step)
+  execution.json   how its first steps were computed (backend, seed parallelism, devices)
+  .lock            held while a process trains the run
   checkpoints/     full states at the requested steps and at the end (kept)
   resume/          the latest state at an evaluation boundary (only the newest is kept)
   metrics.jsonl    one line per evaluation: step, lr, train/test loss and accuracy per seed
@@ -9,6 +11,8 @@ Layout of a run dir:
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import time
@@ -94,10 +98,31 @@ def run(trainer: Trainer, run_dir: RunDir, *, description: dict, initial: Callab
     target = trainer.abstract_state(num_seeds)
     if run_dir.complete():
         return run_dir.restore(end, target), run_dir.result()
+    with _exclusive(run_dir):
+        return _train(trainer, run_dir, description, initial, end, save_steps, label, target)
+
+
+@contextlib.contextmanager
+def _exclusive(run_dir: RunDir):
+    """One process trains a run dir at a time (a double launch or a requeued job would otherwise
+    delete each other's half-written checkpoints)."""
+    with open(run_dir.file(".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another process is training {run_dir.path}; wait for it to finish or "
+                            "stop it, then rerun") from None
+        yield
+
+
+def _train(trainer, run_dir, description, initial, end, save_steps, label, target):
+    if run_dir.complete():  # finished by another process while this one waited to start
+        return run_dir.restore(end, target), run_dir.result()
     resume_step = run_dir.latest_step()
     if resume_step is None:
         # training donates its input; `initial()` may share buffers with states the caller reuses
         states = jax.tree.map(jnp.copy, initial())
+        prog.write_json(run_dir.file("execution.json"), trainer.execution)
     else:
         states = run_dir.restore(resume_step, target)
         print(f"[{label}] resuming from step {resume_step} ({run_dir.path})", flush=True)
@@ -120,29 +145,31 @@ def run(trainer: Trainer, run_dir: RunDir, *, description: dict, initial: Callab
             continue
         states, metrics = trainer.advance(states, boundary, on_chunk)
         window.append(metrics)
-        if boundary in save_steps:
-            run_dir.kept.save(boundary, states)
-        if boundary in evals:
+        if boundary in evals:  # the line goes first: a resume from before it drops it and redoes it
             test = trainer.evaluate(states)
             line = _metrics_line(trainer, boundary, window, test, bar.rate(boundary))
             final = test if boundary == end else None
             window = []
-            prog.append_jsonl(run_dir.file("metrics.jsonl"), line)  # before the resume point moves
-            if boundary not in save_steps:
-                run_dir.resume.save(boundary, states)
+            prog.append_jsonl(run_dir.file("metrics.jsonl"), line)
             bar.update(boundary, f"test acc {100 * np.mean(line['test_accuracy']):.2f}%", force=True)
+        if boundary in save_steps:
+            run_dir.kept.save(boundary, states)
+        elif boundary in evals:
+            run_dir.resume.save(boundary, states)
     final = final or trainer.evaluate(states)  # evaluated at `end` already, unless nothing ran
     result = {"step": end, "seeds": description["seeds"], "wall_s": time.time() - t_start,
-              "execution": trainer.execution, **{k: v.tolist() for k, v in final.items()}}
+              **{k: v.tolist() for k, v in final.items()}}
     prog.write_json(run_dir.file("result.json"), result)
     bar.done(f"done: test accuracy {_mean_std(final['test_accuracy'])}")
     return states, result
 
 
 def _metrics_line(trainer, step, window, test, rate) -> dict:
+    """`train_*`: means over the `train_steps` steps since the previous line (fewer after a resume)."""
     train = {k: np.concatenate([w[k] for w in window]).mean(0) for k in window[0]} if window else {}
     return {"step": step, "epoch": step / trainer.steps_per_epoch,
             "lr": float(trainer.fns.schedule(step - 1)), "steps_per_s": rate,
+            "train_steps": sum(len(w["loss"]) for w in window),
             **{f"train_{k}": v.tolist() for k, v in train.items()},
             **{k: v.tolist() for k, v in test.items()}}
 

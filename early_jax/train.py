@@ -196,6 +196,7 @@ class Trainer:
 
     def abstract_state(self, num_seeds: int) -> TrainState:
         """Shapes, dtypes and shardings of an S-seed state, for restoring checkpoints."""
+        sharding.check_seed_count(num_seeds, self.mesh)
         return self._init.eval_shape(jax.ShapeDtypeStruct((num_seeds,), jnp.int32))
 
     def _check_ignore_patterns(self) -> None:

@@ -93,14 +93,29 @@ def test_channel_statistics_are_exact(rng):
     (np.zeros((4, 8, 8, 3), np.uint8), [-1], "labels must lie"),
     (np.zeros((4, 8, 8, 3), np.float32), [0], "uint8")])
 def test_malformed_arrays_are_refused(x, y_test, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         data.make_dataset("t", x, np.zeros(4), x[:1], y_test)
 
 
-@pytest.mark.parametrize("bad,match", [("/no/such/path", "unknown dataset"), ("imagenet", "unknown dataset")])
+@pytest.mark.parametrize("bad,match", [("/no/such/path", "no dataset file or folder"),
+                                       ("missing.npz", "no dataset file or folder"),
+                                       ("imagenet", "unknown dataset")])
 def test_bad_dataset_names_are_one_clear_error(bad, match):
     with pytest.raises(UserError, match=match):
         data.load(bad)
+
+
+def test_damaged_data_files_are_named_in_one_clear_error(tmp_path):
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(UserError, match="cannot read .*broken.npz"):
+        data.load(str(broken))
+    cifar = tmp_path / "cifar"
+    cifar.mkdir()
+    for name in ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]:
+        (cifar / name).write_bytes(b"")  # an interrupted download
+    with pytest.raises(UserError, match="cannot read .*data_batch_1"):
+        data.load(str(cifar))
 
 
 def test_batches_cover_a_permutation_each_epoch_and_differ_across_seeds():

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from early_jax import masks, pipeline
+from early_jax import masks, pipeline, progress
 from early_jax.errors import UserError
 from early_jax.train import Trainer, current_step
 from helpers import TINY_DATA, tiny_config, with_workdir
@@ -111,7 +111,7 @@ def test_rewind_steps_before_the_checkpoint_grid_are_refused(study, tmp_path):
     # a dense run already on disk answers with the checkpoints it has, not the grid asked for now
     pipeline.train_dense(no_grid)
     finer = Trainer(with_workdir(tiny_config(save_steps="1it,3it"), str(tmp_path)), TINY_DATA)
-    with pytest.raises(UserError, match="already trained"):
+    with pytest.raises(UserError, match=r"already \(partly\) trained"):
         pipeline.check_rewind_steps(finer, [1])
 
 
@@ -127,12 +127,9 @@ def test_step_zero_without_a_checkpoint_is_rebuilt_from_the_seeds(tmp_path):
 def test_a_run_computed_another_way_is_not_replayed(study, tmp_path):
     trainer, _ = study
     dense = pipeline.dense_run_dir(trainer)
-    assert dense.result()["execution"] == trainer.execution
+    assert progress.read_json(dense.file("execution.json")) == trainer.execution
     pipeline.check_replayable(trainer, dense, 4)
     other = pipeline.RunDir(str(tmp_path / "other"))
-    other_result = dense.result() | {"execution": trainer.execution | {"seed_parallel": "other"}}
-    with open(other.file("result.json"), "w") as f:
-        import json
-        json.dump(other_result, f)
+    progress.write_json(other.file("execution.json"), trainer.execution | {"seed_parallel": "other"})
     with pytest.raises(UserError, match="not reproduce the run"):
         pipeline.check_replayable(trainer, other, 4)

@@ -165,6 +165,47 @@ def test_kill_and_resume_gives_the_uninterrupted_result(trainer, tmp_path):
                    initial=lambda: None, end=end)
 
 
+def test_a_kill_right_after_saving_an_evaluated_step_keeps_its_metrics_line(trainer, tmp_path, monkeypatch):
+    from early_jax import checkpoint
+
+    class Killed(Exception):
+        pass
+
+    real_save = checkpoint.Checkpoints.save
+
+    def save_then_die(self, step, state):
+        real_save(self, step, state)
+        if step == 12:
+            raise Killed
+
+    run_dir, description = runner.RunDir(str(tmp_path / "r")), {"kind": "test", "seeds": [0, 1]}
+    go = lambda initial: runner.run(trainer, run_dir, description=description, initial=initial,
+                                    end=trainer.total_steps, save_steps=[12])
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_die)
+    with pytest.raises(Killed):
+        go(lambda: trainer.init([0, 1]))
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", real_save)
+    go(lambda: pytest.fail("must resume"))
+    lines = runner.prog.read_jsonl(os.path.join(run_dir.path, "metrics.jsonl"))
+    assert [line["step"] for line in lines] == [12, 24] and [l["train_steps"] for l in lines] == [12, 12]
+
+
+def test_a_run_dir_trains_in_one_process_at_a_time(trainer, tmp_path):
+    import fcntl
+    run_dir = runner.RunDir(str(tmp_path / "locked"))
+    with open(run_dir.file(".lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as another process training it would
+        with pytest.raises(UserError, match="another process is training"):
+            runner.run(trainer, run_dir, description={"kind": "test", "seeds": [0, 1]},
+                       initial=lambda: pytest.fail("must not start"), end=trainer.total_steps)
+
+
+def test_restoring_a_seed_count_the_devices_cannot_split_is_a_clear_error(trainer, monkeypatch):
+    monkeypatch.setattr(trainer, "mesh", sharding.seed_mesh(np.array(jax.devices() * 3)))
+    with pytest.raises(UserError, match="not a multiple of the 3 devices"):
+        trainer.abstract_state(4)
+
+
 FOUR_DEVICES = textwrap.dedent("""
     import sys, numpy as np, jax
     sys.path.insert(0, sys.argv[1])

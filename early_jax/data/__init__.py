@@ -40,6 +40,8 @@ def load(name_or_path: str, data_dir: str | None = None) -> Dataset:
         if {"data_batch_1", "test_batch"} <= set(entries) or {"train", "test", "meta"} <= set(entries):
             return load_cifar_folder(name_or_path)
         raise UserError(f"{name_or_path} holds neither IDX files nor CIFAR python batches")
+    if os.sep in name_or_path or name_or_path.endswith(".npz"):
+        raise UserError(f"no dataset file or folder at {name_or_path}: check the path")
     raise UserError(f"unknown dataset {name_or_path!r}: use one of {', '.join(TFDS_NAMES)} (TFDS), "
                     "fashion_mnist_idx, synthetic[:HxWxC], or a path to an .npz file, an IDX folder "
                     "or a CIFAR python-batches folder")

@@ -1,9 +1,11 @@
 """Offline sources: IDX files, the CIFAR python batches, `.npz` archives and synthetic data."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pickle
+import zipfile
 
 import numpy as np
 
@@ -15,10 +17,21 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32, 0x
                0x0E: np.float64}
 
 
+@contextlib.contextmanager
+def _reading(path: str):
+    """A damaged or truncated data file becomes one error that names it."""
+    try:
+        yield
+    except (OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise UserError(f"cannot read {path} ({type(err).__name__}: {err}): the file is damaged or not "
+                        "in the expected format; replace it (a TFDS cache .npz is rebuilt when deleted)"
+                        ) from err
+
+
 def read_idx(path: str) -> np.ndarray:
     """Read one IDX file (gzip or plain): magic 0,0,dtype,ndim then big-endian int32 dims."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with _reading(path), opener(path, "rb") as f:
         raw = f.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise UserError(f"{path} is not an IDX file (bad magic number)")
@@ -51,11 +64,12 @@ def load_idx_folder(folder: str, name: str | None = None) -> Dataset:
 def load_cifar_folder(folder: str) -> Dataset:
     """The python-pickle release of CIFAR-10 (data_batch_1..5, test_batch) or CIFAR-100 (train, test)."""
     def unpickle(fname):
-        with open(os.path.join(folder, fname), "rb") as f:
+        path = os.path.join(folder, fname)
+        with _reading(path), open(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")
-        images = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        labels = batch.get(b"labels", batch.get(b"fine_labels"))
-        return images, np.asarray(labels)
+            images = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            labels = np.asarray(batch.get(b"labels", batch.get(b"fine_labels")))
+        return images, labels
 
     if os.path.exists(os.path.join(folder, "data_batch_1")):
         parts = [unpickle(f"data_batch_{i}") for i in range(1, 6)]
@@ -71,13 +85,14 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 def load_npz(path: str) -> Dataset:
     """An archive with x_train, y_train, x_test, y_test (and optionally num_classes, name)."""
-    with np.load(path) as archive:
+    with _reading(path), np.load(path) as archive:
         missing = [k for k in NPZ_KEYS if k not in archive]
         if missing:
             raise UserError(f"{path} lacks arrays {missing}; an .npz dataset needs {list(NPZ_KEYS)}")
         num_classes = int(archive["num_classes"]) if "num_classes" in archive else None
         name = str(archive["name"]) if "name" in archive else os.path.splitext(os.path.basename(path))[0]
-        return make_dataset(name, *(archive[k] for k in NPZ_KEYS), num_classes=num_classes)
+        arrays = [archive[k] for k in NPZ_KEYS]
+    return make_dataset(name, *arrays, num_classes=num_classes)
 
 
 def save_npz(dataset: Dataset, path: str) -> None:

@@ -5,6 +5,8 @@ import dataclasses
 
 import numpy as np
 
+from early_jax.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -33,15 +35,15 @@ def make_dataset(name, x_train, y_train, x_test, y_test, num_classes=None) -> Da
     x_train, x_test = (_as_nhwc_uint8(x, name) for x in (x_train, x_test))
     y_train, y_test = (np.asarray(y, np.int32).reshape(-1) for y in (y_train, y_test))
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
-        raise ValueError(f"dataset {name!r}: image and label counts differ "
+        raise UserError(f"dataset {name!r}: image and label counts differ "
                          f"(train {len(x_train)} vs {len(y_train)}, test {len(x_test)} vs {len(y_test)})")
     if x_train.shape[1:] != x_test.shape[1:]:
-        raise ValueError(f"dataset {name!r}: train images {x_train.shape[1:]} and test images "
+        raise UserError(f"dataset {name!r}: train images {x_train.shape[1:]} and test images "
                          f"{x_test.shape[1:]} have different shapes")
     if num_classes is None:
         num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
     if min(y_train.min(initial=0), y_test.min(initial=0)) < 0 or max(y_train.max(initial=0), y_test.max(initial=0)) >= num_classes:
-        raise ValueError(f"dataset {name!r}: labels must lie in [0, {num_classes})")
+        raise UserError(f"dataset {name!r}: labels must lie in [0, {num_classes})")
     mean, std = _channel_stats(x_train)
     return Dataset(name, x_train, y_train, x_test, y_test, int(num_classes),
                    mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32))
@@ -63,10 +65,10 @@ def _as_nhwc_uint8(x, name) -> np.ndarray:
     if x.ndim == 3:  # grayscale without a channel axis
         x = x[..., None]
     if x.ndim != 4:
-        raise ValueError(f"dataset {name!r}: images must be [N,H,W] or [N,H,W,C], got shape {x.shape}")
+        raise UserError(f"dataset {name!r}: images must be [N,H,W] or [N,H,W,C], got shape {x.shape}")
     if x.dtype != np.uint8:
-        raise ValueError(f"dataset {name!r}: images must be uint8, got {x.dtype}")
+        raise UserError(f"dataset {name!r}: images must be uint8, got {x.dtype}")
     if x.shape[1] in (1, 3) and x.shape[-1] > 4:
-        raise ValueError(f"dataset {name!r}: images of shape {x.shape} look channels-first (NCHW); "
+        raise UserError(f"dataset {name!r}: images of shape {x.shape} look channels-first (NCHW); "
                          "store them as [N,H,W,C], e.g. x.transpose(0, 2, 3, 1)")
     return x
