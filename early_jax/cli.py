@@ -10,12 +10,15 @@ from early_jax.errors import UserError
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     cfg.add_config_flags(p)
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host GPU / TPU pod slices)")
     return p
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Script docstrings keep their line breaks (examples stay one per line); defaults are shown."""
 
 
 def main(run: Callable[[argparse.Namespace], None], p: argparse.ArgumentParser) -> None:

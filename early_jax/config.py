@@ -148,10 +148,17 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """--preset plus one flag per config field, all optional; values are parsed by `override`."""
     parser.add_argument("--preset", default="fashion_cpu", choices=sorted(PRESETS),
                         help="starting configuration (default: %(default)s, the offline CPU preset)")
+    cpu, paper = PRESETS["fashion_cpu"], PRESETS["cifar10_resnet20"]
     for flag, (section, f) in flag_fields().items():
         where = f"{section}.{f.name}" if section else f.name
-        parser.add_argument(f"--{flag}", dest=f"cfg_{flag}", default=None, metavar="V",
-                            help=f"override {where} (preset value if omitted)")
+        value = lambda c: _flag_text(getattr(getattr(c, section), f.name) if section else getattr(c, f.name))
+        parser.add_argument(f"--{flag}", dest=f"cfg_{flag}", default=argparse.SUPPRESS, metavar="V",
+                            help=f"{where}; preset fashion_cpu: {value(cpu)}, cifar10_resnet20: {value(paper)}")
+
+
+def _flag_text(value) -> str:
+    """A config value as it would be written on the command line."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

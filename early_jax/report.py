@@ -12,10 +12,12 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from early_jax.progress import read_json  # noqa: E402
+
 
 def write_csv(rows: list[dict], path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fields = list(rows[0]) if rows else []
+    fields = list(dict.fromkeys(k for row in rows for k in row))  # every column of every row
     with open(path + ".tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -256,9 +258,13 @@ def telemetry_table(rows: list[dict]) -> str:
                       "cosine to W_T"], body)
 
 
-def write_report(study_dir: str, title: str = "early-phase study") -> str:
-    """Figures and report.md from the study's CSVs (no training); returns the report's path."""
+def write_report(study_dir: str, title: str | None = None) -> str:
+    """Figures and report.md from the study's CSVs (no training); returns the report's path.
+    The title defaults to the one the study recorded in study.json."""
     load = lambda name: read_csv(os.path.join(study_dir, f"{name}.csv"))
+    recorded = os.path.join(study_dir, "study.json")
+    if title is None:
+        title = read_json(recorded)["title"] if os.path.exists(recorded) else "early-phase study"
     missing = [n for n in STUDY_TABLES if not os.path.exists(os.path.join(study_dir, f"{n}.csv"))]
     if missing:
         from early_jax.errors import UserError

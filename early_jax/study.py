@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 
-from early_jax import branches, config as cfg, instability, pipeline, pretrain, report, telemetry
+from early_jax import branches, config as cfg, instability, pipeline, pretrain, progress, report, telemetry
 from early_jax.config import to_steps
 from early_jax.errors import UserError
 from early_jax.progress import format_seconds
@@ -31,6 +31,7 @@ class Plan:
     telemetry_steps: str = "4000it"
     pretrain_task: str = "blur"
     pretrain_epochs: tuple = (1, 2, 4)
+    pretrain_offset: str = "replace"  # "none" where P epochs would eat most of a short run
     instability_alphas: tuple = instability.DEFAULT_ALPHAS
     instability_train_examples: int = 10_000
     instability_bn_batches: int = 50
@@ -38,14 +39,17 @@ class Plan:
 
 # The config changes and plan of each preset's study. The CPU one is sized to finish within 20
 # minutes on 2 cores: 2 epochs per training, 2 seeds, and 3 IMP levels that remove 60% of the
-# remaining weights each (40%, 16%, 6.4% left), so that the sparse end is reached in 3 levels.
+# remaining weights each (40%, 16%, 6.4% left), so that the sparse end is reached in 3 levels. Its
+# one pre-training epoch comes before the full 2-epoch run (replacing half of it, after the
+# learning-rate drop, would measure the shortened training rather than the pre-training).
 STUDIES = {
     "fashion_cpu": (
         {"duration": "2ep", "milestones": "1ep", "save_steps": "0it,10it,25it,50it,100it,200it",
          "num_seeds": "2", "eval_every": "2ep", "fraction": "0.6"},
         Plan(rewind="50it", levels=3, perturb_levels=(2, 3), noise_scales=(1.0, 3.0),
              instability_rewinds=("0it", "10it", "50it", "200it"), telemetry_steps="400it",
-             pretrain_task="blur", pretrain_epochs=(1,), instability_alphas=(0.0, 0.25, 0.5, 0.75, 1.0),
+             pretrain_task="blur", pretrain_epochs=(1,), pretrain_offset="none",
+             instability_alphas=(0.0, 0.25, 0.5, 0.75, 1.0),
              instability_train_examples=2000, instability_bn_batches=20)),
     "cifar10_resnet20": (
         {"num_seeds": "2"},
@@ -54,10 +58,28 @@ STUDIES = {
 
 
 def study_config(preset: str, overrides: dict) -> tuple[cfg.Config, Plan]:
-    """The preset, then the study's scale for it, then the user's flags (which win)."""
+    """The preset, then the study's scale for it, then the user's flags (which win; --levels and
+    --rewind_iters set the plan's IMP depth and its one rewind step k)."""
     changes, plan = STUDIES.get(preset, ({}, Plan()))
-    config = cfg.override(cfg.PRESETS[preset], changes)
-    return cfg.validate(cfg.override(config, overrides)), plan
+    config = cfg.validate(cfg.override(cfg.override(cfg.PRESETS[preset], changes), overrides))
+    if "levels" in overrides:
+        levels = config.prune.levels
+        if levels < 1:
+            raise UserError("the study needs --levels >= 1")
+        kept = tuple(lv for lv in plan.perturb_levels if lv <= levels) or (levels,)
+        plan = dataclasses.replace(plan, levels=levels, perturb_levels=kept)
+    if "rewind_iters" in overrides:
+        if len(config.prune.rewind_iters) != 1:
+            raise UserError(f"the study uses one rewind step k; got --rewind_iters={overrides['rewind_iters']}")
+        plan = dataclasses.replace(plan, rewind=config.prune.rewind_iters[0])
+    return config, plan
+
+
+def study_dir(trainer: Trainer, plan: Plan) -> str:
+    """The study's tables and report: one folder per prune setting and plan, so two studies that
+    share a dense run never mix their tables. Creates nothing."""
+    name = f"study_{pipeline.imp_name(trainer.config)}_{cfg.fingerprint(plan)}"
+    return os.path.join(pipeline.dense_dir(trainer.config), name)
 
 
 def steps_of(plan: Plan, trainer: Trainer) -> dict:
@@ -74,7 +96,7 @@ def check(plan: Plan, trainer: Trainer) -> None:
     branches.check_treatments(treatments(plan))
     pretrain.check_task(pretrain.parse_task(plan.pretrain_task), trainer.dataset, trainer.config.train.batch_size)
     for epochs in plan.pretrain_epochs:
-        pretrain.start_step(trainer, epochs, "replace")
+        pretrain.start_step(trainer, epochs, plan.pretrain_offset)
     if not set(plan.perturb_levels) <= set(range(1, plan.levels + 1)):
         raise UserError(f"perturbation levels {plan.perturb_levels} must lie in 1..{plan.levels}")
 
@@ -89,7 +111,8 @@ def training_runs(plan: Plan, trainer: Trainer) -> dict[str, float]:
     steps, total = steps_of(plan, trainer), trainer.total_steps
     k = steps["rewind"]
     frac = lambda start: (total - start) / total
-    pretrain_runs = sum(e * trainer.steps_per_epoch / total + (plan.levels + 1) * frac(e * trainer.steps_per_epoch)
+    pretrain_runs = sum(e * trainer.steps_per_epoch / total
+                        + (plan.levels + 1) * frac(pretrain.start_step(trainer, e, plan.pretrain_offset))
                         for e in plan.pretrain_epochs)
     return {"dense": 1.0, "IMP": plan.levels * (frac(0) + frac(k)),
             "perturbations": len(plan.perturb_levels) * len(treatments(plan)) * frac(k),
@@ -98,7 +121,8 @@ def training_runs(plan: Plan, trainer: Trainer) -> dict[str, float]:
 
 
 def print_plan(plan: Plan, trainer: Trainer, seconds_per_step: float) -> float:
-    """Print what will run and an estimated time (for pieces not already in the work dir)."""
+    """Print what will run and an estimated time of every piece (pieces already in the work dir
+    are reused and take far less)."""
     runs = training_runs(plan, trainer)
     seeds = trainer.config.num_seeds
     per_run = trainer.total_steps * seconds_per_step
@@ -129,6 +153,11 @@ def run_study(trainer: Trainer, plan: Plan, out: str) -> dict[str, str]:
     steps = steps_of(plan, trainer)
     k = steps["rewind"]
     os.makedirs(out, exist_ok=True)
+    config = trainer.config
+    progress.write_json(os.path.join(out, "study.json"), {
+        "title": f"early-phase study: {config.model.name} on {trainer.dataset.name}",
+        "plan": dataclasses.asdict(plan), "prune": pipeline.prune_identity(trainer),
+        "seeds": pipeline.seeds_of(config), "dense": os.path.basename(pipeline.dense_dir(config))})
     tables = {}
 
     def save(name, rows):
@@ -148,6 +177,7 @@ def run_study(trainer: Trainer, plan: Plan, out: str) -> dict[str, str]:
     save("instability_path", along)
     save("instability", instability.barriers(along))
     task = pretrain.parse_task(plan.pretrain_task)
-    pre_rows = [row for e in (0, *plan.pretrain_epochs) for row in pretrain.pretrain_imp(trainer, task, e, plan.levels)]
+    pre_rows = [row for e in (0, *plan.pretrain_epochs)
+                for row in pretrain.pretrain_imp(trainer, task, e, plan.levels, plan.pretrain_offset)]
     save("pretrain", pre_rows)
     return tables

@@ -8,10 +8,9 @@ to 0 and to k, perturbations at k (shuffles with and without signs, sign-keeping
 noise), instability vs k and one pre-training task, all seeds at once; then writes report.md with
 every figure and table. Ctrl-C stops cleanly; rerunning resumes.
 """
-import os
 import time
 
-from early_jax import cli, data, pipeline, report, study
+from early_jax import cli, data, report, study
 from early_jax.progress import format_seconds
 from early_jax.train import Trainer
 
@@ -23,9 +22,9 @@ def main(args):
     study.check(plan, trainer)
     start = time.time()
     study.print_plan(plan, trainer, study.measure_speed(trainer))
-    out = os.path.join(pipeline.dense_run_dir(trainer).path, "study")
+    out = study.study_dir(trainer, plan)
     study.run_study(trainer, plan, out)
-    path = report.write_report(out, f"early-phase study: {config.model.name} on {trainer.dataset.name}")
+    path = report.write_report(out)
     print(f"study finished in {format_seconds(time.time() - start)}; report: {path}")
 
 

@@ -66,6 +66,7 @@ def test_study_runs_end_to_end_resumes_after_an_interrupt_and_reports_everything
     study.run_study(trainer, TINY_PLAN, out)
     report.write_report(out)
     assert os.path.exists(os.path.join(out, "fig1_imp.png"))
+    assert open(path).read().startswith("# early-phase study: convnet_tiny on ")  # title from study.json
 
 
 def test_the_cpu_study_plan_fits_its_preset():
@@ -73,3 +74,25 @@ def test_the_cpu_study_plan_fits_its_preset():
     assert config.num_seeds == 2 and config.train.duration == "2ep" and config.prune.fraction == 0.6
     assert set(plan.perturb_levels) <= set(range(1, plan.levels + 1))
     assert {"shuffle_layer", "shuffle_layer_keep_signs", "reinit_keep_signs"} <= set(plan.treatments)
+
+
+def test_study_flags_set_the_plans_depth_and_rewind_step():
+    _, plan = study.study_config("fashion_cpu", {"levels": "2", "rewind_iters": "20it"})
+    assert plan.levels == 2 and plan.perturb_levels == (2,) and plan.rewind == "20it"
+    with pytest.raises(study.UserError, match="one rewind step"):
+        study.study_config("fashion_cpu", {"rewind_iters": "0it,20it"})
+
+
+def test_study_folders_differ_by_prune_setting_and_plan_and_are_not_created(tmp_path):
+    trainer = Trainer(with_workdir(tiny_config(), tmp_path), TINY_DATA)
+    other = Trainer(with_workdir(tiny_config(fraction=0.5), tmp_path), TINY_DATA)
+    dirs = {study.study_dir(trainer, TINY_PLAN), study.study_dir(other, TINY_PLAN),
+            study.study_dir(trainer, study.Plan())}
+    assert len(dirs) == 3 and not any(os.path.exists(d) for d in dirs)
+
+
+def test_a_fresh_work_dir_with_an_empty_dense_folder_passes_the_checks(tmp_path):
+    """An interrupted first start leaves the dense folder without checkpoints: not 'trained'."""
+    trainer = Trainer(with_workdir(tiny_config(), tmp_path), TINY_DATA)
+    pipeline.dense_run_dir(trainer)  # creates the folder, as any earlier call would
+    study.check(TINY_PLAN, trainer)
