@@ -29,9 +29,10 @@ def main(args):
     rewind = to_steps(args.rewind_iter, trainer.steps_per_epoch)
     pipeline.check_rewind_steps(trainer, [0, rewind])
     levels = config.prune.levels
+    reference_levels = max(levels, args.sparse_level)  # the references reach the sparse level
     print(f"pre-training task {task.name} for {epochs} epoch(s), then IMP with {levels} levels; "
           f"{config.num_seeds} seed(s); references: IMP rewound to 0 and to {rewind}")
-    references = {f"IMP, rewind to {k}": pipeline.imp(trainer, [k], levels) for k in sorted({0, rewind})}
+    references = {f"IMP, rewind to {k}": pipeline.imp(trainer, [k], reference_levels) for k in sorted({0, rewind})}
     rows = []
     for e in epochs:
         if args.sparse_level:

@@ -165,6 +165,10 @@ def test_blur_keeps_constant_images_and_removes_high_frequencies():
     checker = (jnp.indices((16, 16)).sum(0) % 2).astype(jnp.float32)[None, :, :, None]
     blurred = dev.blur(checker, 4)
     assert float(jnp.std(checker)) > 0.45 and float(jnp.std(blurred)) < 0.05
+    # white noise: an antialiased 4x downsample averages ~8x8 pixels (std / 8); plain bilinear
+    # sampling averages 2x2 (std / 2, measured 0.33 of the input) and would fail here
+    noise = jnp.asarray(np.random.default_rng(0).random((4, 32, 32, 1)), jnp.float32)
+    assert float(jnp.std(dev.blur(noise, 4))) < 0.2 * float(jnp.std(noise))
     ramp = jnp.linspace(0, 1, 16)[None, :, None, None] * jnp.ones((1, 16, 16, 1))
     assert float(jnp.abs(dev.blur(ramp, 4) - ramp).mean()) < 0.05  # low frequencies survive
 

@@ -87,6 +87,20 @@ def test_blur_task_blurs_the_test_set_and_keeps_labels():
     assert task.x_test.std() < TINY_DATA.x_test.std()
 
 
+def test_pretraining_batches_are_turned_and_blurred_as_the_task_says(main):
+    """Blur and rotation are linear and keep constants, so they commute with normalisation: the
+    task's batch is the plain batch (same crop and flip), turned by its labels and blurred."""
+    task = pretrain.parse_task("blur+rotation")
+    pre = pretrain.pretrain_trainer(main, task, 1)
+    perm, key = jnp.arange(len(pre.arrays.labels)), jax.random.key(5)
+    x, turns = dev.train_batch(pre.arrays, pre.fns.prep, perm, 0, 16, key)
+    plain, labels = dev.train_batch(pre.arrays, dev.Preprocess(augment=main.config.data.augment), perm, 0, 16, key)
+    np.testing.assert_array_equal(turns, labels)  # fixed turns: the task's labels
+    expected = dev.blur(dev.rotate_quarter_turns(plain, turns), task.blur)
+    np.testing.assert_allclose(x, expected, rtol=1e-4, atol=1e-4)
+    assert float(jnp.abs(x - plain).max()) > 0.1
+
+
 def test_head_swap_keeps_everything_else_and_reinitialises_the_head(main):
     pre_trainer = pretrain.pretrain_trainer(main, pretrain.parse_task("rotation"), 1)
     pre = pre_trainer.advance(pre_trainer.init([0, 1]), 3)[0]
@@ -115,11 +129,27 @@ def test_main_run_starts_at_the_chosen_schedule_offset(main, monkeypatch):
     with pytest.raises(UserError, match="replace the whole"):
         pretrain.start_step(main, 4, "replace")
     pipeline.train_dense(main)
-    starts, real = [], main.advance
-    monkeypatch.setattr(main, "advance", lambda s, e, c=None: starts.append(current_step(s)) or real(s, e, c))
-    rows = pretrain.pretrain_imp(main, pretrain.parse_task("blur"), 1, levels=1)
+    starts, first_params, real = [], [], main.advance
+
+    def advance(states, end, on_chunk=None):
+        starts.append(current_step(states))
+        if not first_params:
+            first_params.append(jax.tree.map(np.array, states.params))
+        return real(states, end, on_chunk)
+
+    monkeypatch.setattr(main, "advance", advance)
+    task = pretrain.parse_task("blur")
+    rows = pretrain.pretrain_imp(main, task, 1, levels=1)
     assert starts[0] == 6 and 0 not in starts  # level 0 and level 1 both go on from step 6
     assert {r["level"] for r in rows} == {0, 1} and {r["task"] for r in rows} == {"blur4"}
+    # ...from the pre-trained weights (not the dense run's step-6 weights)
+    root = pretrain.study_dir(main, pipeline.dense_run_dir(main), task, 1, "replace")
+    pre_trainer = pretrain.pretrain_trainer(main, task, 1)
+    pre = pipeline.RunDir(f"{root}/pretrain").restore(pre_trainer.total_steps, pre_trainer.abstract_state(2))
+    dense_at_6 = pipeline.state_at(main, pipeline.dense_run_dir(main), 6)
+    for started, trained, dense in zip(*map(jax.tree.leaves, (first_params[0], pre.params, dense_at_6.params))):
+        np.testing.assert_array_equal(started, trained)
+        assert not np.array_equal(started, dense)
     starts.clear()
     pretrain.pretrain_imp(main, pretrain.parse_task("blur"), 1, levels=1, offset="none")
     assert starts[0] == 0
@@ -136,6 +166,15 @@ def test_sparse_pretraining_keeps_pruned_weights_at_zero(main):
     body_mask = {k: v for k, v in pre.mask.items() if k != "head"}
     for kernel, kept in masks.masked_kernels({k: pre.params[k] for k in body_mask}, body_mask).values():
         assert np.all(np.asarray(kernel)[~np.asarray(kept)] == 0) and not np.all(np.asarray(kept))
+    # the subnetwork is IMP level 1's (rewound to 3), and the real-task run after it keeps it pruned
+    level = pipeline.level_dir(main, dense, 3, 1).restore(main.total_steps, main.abstract_state(2))
+    after = pipeline.RunDir(f"{root}/main").restore(main.total_steps, main.abstract_state(2))
+    for name in body_mask:
+        for a, b in zip(jax.tree.leaves(pre.mask[name]), jax.tree.leaves(level.mask[name])):
+            np.testing.assert_array_equal(a, b)
+    for kernel, kept in masks.masked_kernels(after.params, level.mask).values():
+        assert np.all(np.asarray(kernel)[~np.asarray(kept)] == 0)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after.mask), jax.tree.leaves(level.mask)))
 
 
 def test_widened_mask_keeps_the_level_mask_and_the_ignore_list():
