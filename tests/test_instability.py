@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import os
 import shutil
@@ -95,6 +96,52 @@ def test_a_network_with_a_reinitialised_one_has_a_barrier(study):
         for split in range(len(ins.SPLITS)):
             assert errors[seed, 0, split] < 0.3 and errors[seed, -1, split] > 0.5  # trained vs random
             assert ins.barrier(errors[seed, :, split]) > 0.05
+
+
+def permuted_units(states, rng):
+    """The same functions with every layer's units reordered (conv channels with their BatchNorm,
+    the hidden dense units): equal predictions at both ends, while the straight line between them
+    averages unrelated units."""
+    params, stats = jax.tree.map(np.array, (states.params, states.batch_stats))
+    c0, c1, hidden = (rng.permutation(n) for n in (4, 8, 16))
+    params["conv0"]["kernel"] = params["conv0"]["kernel"][..., c0]
+    params["conv1"]["kernel"] = params["conv1"]["kernel"][..., c0, :][..., c1]
+    for tree, order in ((params["bn0"], c0), (stats["bn0"], c0), (params["bn1"], c1), (stats["bn1"], c1)):
+        tree.update({name: value[..., order] for name, value in tree.items()})
+    fc = params["fc"]["kernel"]  # [S, flattened (h, w, c), hidden]
+    fc = fc.reshape(fc.shape[0], -1, 8, 16)[:, :, c1].reshape(fc.shape)
+    params["fc"] = {"kernel": fc[..., hidden], "bias": params["fc"]["bias"][..., hidden]}
+    params["head"]["kernel"] = params["head"]["kernel"][:, hidden, :]
+    return states.replace(params=params, batch_stats=stats)
+
+
+def test_a_network_and_its_permuted_twin_have_equal_ends_and_a_barrier_in_between(study, rng):
+    trainer, _ = study
+    final = dense_final(trainer)
+    errors = ins.path_errors(trainer, final, permuted_units(final, rng))
+    for seed in range(SEEDS):
+        for split in range(len(ins.SPLITS)):
+            path = errors[seed, :, split]
+            assert path[0] == pytest.approx(path[-1], abs=1e-6)  # the same function at both ends
+            assert path.max() > path[0] + 0.1                      # worse in between (0.3-0.6 seen)
+            assert ins.barrier(path) == pytest.approx(path.max() - path[0], abs=1e-6)
+
+
+def test_interpolated_running_statistics_are_the_mix_of_the_two_copies(study):
+    """With recompute_bn=False the path's networks use (1 - alpha) * stats_a + alpha * stats_b: at
+    alpha 0.5 between a network and its twin with doubled variance, the errors equal those of the
+    network evaluated with 1.5 x its variance."""
+    trainer, _ = study
+    final = dense_final(trainer)
+    scaled = lambda factor: final.replace(batch_stats=jax.tree.map(
+        lambda v: v, {name: {"mean": bn["mean"], "var": bn["var"] * factor}
+                      for name, bn in final.batch_stats.items()}))
+    settings = ins.PathSettings(alphas=(0.0, 0.5, 1.0), recompute_bn=False)
+    along = ins.path_errors(trainer, final, scaled(2.0), settings)
+    at_ends = ins.path_errors(trainer, scaled(1.5), scaled(1.5), settings)
+    np.testing.assert_array_equal(along[:, 1], at_ends[:, 0])
+    recomputed = ins.path_errors(trainer, final, scaled(2.0), dataclasses.replace(settings, recompute_bn=True))
+    np.testing.assert_array_equal(recomputed[:, 0], recomputed[:, -1])  # the stats a copy had do not matter
 
 
 def test_alphas_in_chunks_and_one_at_a_time_give_the_same_path(study):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from early_jax import masks, pipeline, telemetry
+from early_jax.data.device import epoch_permutation, train_batch
 from early_jax.errors import UserError
 from early_jax.train import Trainer, current_step
 from helpers import TINY_DATA, tiny_config, with_workdir
@@ -35,7 +36,13 @@ def test_global_statistics_pool_layers_by_weight_count(rng):
     assert float(out["all_sign_flip"]) == pytest.approx(100 * np.mean(flat < 0), rel=1e-6)
     assert float(out["all_dist_final"]) == pytest.approx(0.0, abs=1e-6)
     assert set(np.asarray(out["samples"]).tolist()) <= set(flat.tolist())
-    assert out["layer_all_mean_abs"].shape == (2,)
+    ones = np.ones_like(flat)
+    assert float(out["all_dist_init"]) == pytest.approx(np.linalg.norm(flat - ones), rel=1e-6)
+    assert float(out["all_cos_init"]) == pytest.approx(flat.sum() / np.linalg.norm(flat) / np.sqrt(flat.size), abs=1e-6)
+    per_layer = [np.ravel(params[name]["kernel"]) for name in ("a", "b")]
+    np.testing.assert_allclose(out["layer_all_mean_abs"], [np.abs(w).mean() for w in per_layer], atol=1e-6)
+    np.testing.assert_allclose(out["layer_all_cos_init"], [w.sum() / np.linalg.norm(w) / np.sqrt(w.size)
+                                                           for w in per_layer], atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +85,32 @@ def test_in_scan_statistics_equal_step_by_step_statistics(trained):
     _, per_step = telemetry.replay(trainer, pipeline.state_at(trainer, dense, 0), refs, 4)
     states = start
     observe = jax.jit(jax.vmap(telemetry.observe))
+    observed = [k for k in per_step if k.startswith(("all_", "sub_", "layer_")) or k == "samples"]
+    assert len(observed) == 4 * len(telemetry.STATS) + 1
     for step in range(1, 5):
-        states, _ = trainer.advance(states, step)  # one step at a time, then observe outside
+        states, metrics = trainer.advance(states, step)  # one step at a time, then observe outside
         outside = observe(states, refs)
         assert current_step(states) == step
-        for key in ("all_mean_abs", "all_sign_flip", "all_dist_init", "all_cos_final", "samples"):
+        for key in observed:
             np.testing.assert_allclose(per_step[key][step], np.asarray(outside[key]), rtol=1e-5,
-                                       atol=1e-6)
+                                       atol=1e-6, err_msg=key)
+        for key in ("loss", "accuracy", "grad_norm"):
+            np.testing.assert_allclose(per_step[key][step], metrics[key][0], rtol=1e-5, err_msg=key)
+
+
+def test_gradient_norm_is_the_norm_of_the_minibatch_loss_gradient(trained):
+    """The step's grad_norm: the loss gradient alone (before weight decay and momentum), on the
+    batch that step trains on."""
+    trainer, _, dense = trained
+    start = pipeline.state_at(trainer, dense, 0)
+    one = jax.tree.map(lambda x: jnp.array(x[0]), start)
+    _, metrics = trainer.advance(start, 1)
+    perm = epoch_permutation(one.key("order"), 0, len(trainer.dataset.x_train))
+    x, y = train_batch(trainer.arrays, trainer.fns.prep, perm, 0, trainer.fns.batch_size,
+                       jax.random.fold_in(one.key("augment"), 0))
+    grads = jax.grad(lambda p: trainer.fns.loss_and_updates(p, one.batch_stats, x, y)[0])(one.params)
+    expected = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grads)))
+    assert float(metrics["grad_norm"][0, 0]) == pytest.approx(expected, rel=1e-4)
 
 
 def test_run_telemetry_writes_tables_and_figure_with_a_subnetwork(trained):
