@@ -10,9 +10,10 @@ How the pieces run:
   retraces the dense run, and from an IMP rewind it retraces that IMP level: its final state is the
   one already stored there and is loaded, not retrained. Copy 2 (order and augmentation keys
   `fold_in(key, COPY_SALT)`; init and perturb keys and the weights at k shared) is trained for all
-  S seeds at once, one resumable run per k in its own folder.
+  k values and S seeds at once: one resumable run over rows (k, seed), where the rows of each k
+  join the run when it reaches k (`second_copies`).
 - The path (interpolate, recompute BatchNorm statistics, measure test and train error) is one
-  compiled program over rows x alphas, cached next to the copies per evaluation setting.
+  compiled program over rows (k, seed) x alphas, cached next to the copies per evaluation setting.
 - BatchNorm running statistics of an interpolated network do not describe its activations, so by
   default they are recomputed for every point on the path, ends included (so all points are measured
   the same way): a cumulative average of per-batch statistics over `bn_batches` training batches
@@ -213,11 +214,12 @@ def _path_data(trainer: Trainer, settings: PathSettings) -> tuple:
 
 
 # ----- the experiment -----
-def copies_dir(trainer: Trainer, dense: RunDir, rewind_step: int, level: int) -> RunDir:
-    """<dense>/instability/k{k} for the dense network; <IMP level dir>/instability for a level."""
-    if level == 0:
-        return RunDir(os.path.join(dense.path, "instability", f"k{rewind_step}"))
-    return RunDir(os.path.join(pipeline.level_dir(trainer, dense, rewind_step, level).path, "instability"))
+def copies_dir(trainer: Trainer, dense: RunDir, rewind_steps, level: int) -> RunDir:
+    """Copy 2 of every k in one stacked run: <dense>/instability/k0-100-500 for the dense network,
+    <IMP dir>/instability_level{L}/k0-100-500 for IMP level L."""
+    root = (os.path.join(dense.path, "instability") if level == 0
+            else os.path.join(pipeline.imp_dir(trainer, dense), f"instability_level{level}"))
+    return RunDir(os.path.join(root, "k" + "-".join(map(str, rewind_steps))))
 
 
 def level_mask(trainer: Trainer, dense: RunDir, rewind_step: int, level: int):
@@ -236,38 +238,62 @@ def starting_states(trainer: Trainer, dense: RunDir, rewind_step: int, level: in
     return pipeline.rewind(trainer, states, level_mask(trainer, dense, rewind_step, level))
 
 
-def first_copy(trainer: Trainer, dense: RunDir, rewind_step: int, level: int) -> TrainState:
-    """Copy 1's final states: those of the run it retraces (the dense run, or IMP level `level`)."""
-    run_dir = dense if level == 0 else pipeline.level_dir(trainer, dense, rewind_step, level)
-    return run_dir.restore(trainer.total_steps, trainer.abstract_state(len(pipeline.seeds_of(trainer.config))))
+def stacked(parts: list[TrainState]) -> TrainState:
+    """Row groups one after another: rows (group, seed)."""
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
-def train_second_copy(trainer: Trainer, dense: RunDir, rewind_step: int, level: int) -> TrainState:
-    """Copy 2's final states for all seeds (trained, resumed or loaded)."""
-    run_dir = copies_dir(trainer, dense, rewind_step, level)
-    states, _ = run(trainer, run_dir, description=copies_description(trainer, dense, rewind_step, level),
-                    initial=lambda: with_second_copy_keys(starting_states(trainer, dense, rewind_step, level)),
-                    end=trainer.total_steps, label=f"instability k={rewind_step} level {level}")
+def first_copies(trainer: Trainer, dense: RunDir, rewind_steps, level: int) -> TrainState:
+    """Copy 1's final states, rows (k, seed): those of the runs they retrace (the dense run, or
+    IMP level `level` rewound to each k)."""
+    target = trainer.abstract_state(len(pipeline.seeds_of(trainer.config)))
+    runs = [dense if level == 0 else pipeline.level_dir(trainer, dense, k, level) for k in rewind_steps]
+    return stacked([run_dir.restore(trainer.total_steps, target) for run_dir in runs])
+
+
+def second_copies(trainer: Trainer, dense: RunDir, rewind_steps, level: int) -> TrainState:
+    """Copy 2's final states, rows (k, seed), trained as one stacked run (trained, resumed or loaded).
+
+    Every row starts at the first k; the rows of a later k hold a placeholder until training reaches
+    that k, where their starting state joins the run. Each row then trains exactly as a run of its
+    own from k would, at the price of the placeholder steps (k_i - k_0 of the T steps of a row).
+    """
+    num_seeds = len(pipeline.seeds_of(trainer.config))
+    start = lambda k: with_second_copy_keys(starting_states(trainer, dense, k, level))
+
+    def join(group: int):
+        rows = slice(group * num_seeds, (group + 1) * num_seeds)
+        return lambda states: jax.tree.map(lambda full, part: full.at[rows].set(part), states,
+                                           start(rewind_steps[group]))
+
+    first = rewind_steps[0]
+    states, _ = run(trainer, copies_dir(trainer, dense, rewind_steps, level),
+                    description=copies_description(trainer, dense, rewind_steps, level),
+                    initial=lambda: stacked([start(first)] * len(rewind_steps)),
+                    end=trainer.total_steps, label=f"instability k={','.join(map(str, rewind_steps))} level {level}",
+                    joins={k: join(group) for group, k in enumerate(rewind_steps) if group})
     return states
 
 
-def copies_description(trainer: Trainer, dense: RunDir, rewind_step: int, level: int) -> dict:
+def copies_description(trainer: Trainer, dense: RunDir, rewind_steps, level: int) -> dict:
     prune = pipeline.prune_identity(trainer)
-    return {"kind": "instability_second_copy", "dense": os.path.basename(dense.path),
-            "rewind": rewind_step, "level": level, "prune": prune if level else None,
-            "copy_salt": COPY_SALT, "seeds": pipeline.seeds_of(trainer.config)}
+    seeds = pipeline.seeds_of(trainer.config)
+    return {"kind": "instability_second_copies", "dense": os.path.basename(dense.path),
+            "rewinds": list(rewind_steps), "level": level, "prune": prune if level else None,
+            "copy_salt": COPY_SALT, "seeds": seeds * len(rewind_steps),
+            "rows": [[k, seed] for k in rewind_steps for seed in seeds]}
 
 
-def measured_path(trainer: Trainer, dense: RunDir, rewind_step: int, level: int,
+def measured_path(trainer: Trainer, dense: RunDir, rewind_steps, level: int,
                   settings: PathSettings, alpha_chunk: int | None = None) -> dict:
-    """{errors [S][A][splits], densities [S]} of one (k, level), cached in the copies' folder."""
-    run_dir = copies_dir(trainer, dense, rewind_step, level)
+    """{errors [rows][A][splits], densities [rows]} with rows (k, seed), cached in the copies' folder."""
+    run_dir = copies_dir(trainer, dense, rewind_steps, level)
     cache = run_dir.file(f"path_{cfg.fingerprint(dataclasses.asdict(settings))}.json")
-    run_dir.check_identity(copies_description(trainer, dense, rewind_step, level))
+    run_dir.check_identity(copies_description(trainer, dense, rewind_steps, level))
     if run_dir.complete() and os.path.exists(cache):
         return progress.read_json(cache)
-    second = train_second_copy(trainer, dense, rewind_step, level)
-    first = first_copy(trainer, dense, rewind_step, level)
+    second = second_copies(trainer, dense, rewind_steps, level)
+    first = first_copies(trainer, dense, rewind_steps, level)
     errors = path_errors(trainer, first, second, settings, alpha_chunk)
     out = {"settings": dataclasses.asdict(settings), "errors": errors.tolist(),
            "densities": pipeline.mask_densities(first.mask)}
@@ -282,7 +308,8 @@ def instability(trainer: Trainer, rewind_steps, *, level: int = 0, alphas=DEFAUL
 
     level 0: the dense network; level L > 0: IMP level L's subnetwork rewound to k (IMP is run or
     reused first). Returns rows (seed, rewind, level, density, split, alpha, error); `barriers(rows)`
-    gives the barrier per (seed, rewind, level, split). Finished copies and paths are reused.
+    gives the barrier per (seed, rewind, level, split). A finished set of copies and its paths is
+    reused (one stacked run per set of k values).
     """
     settings = PathSettings(tuple(alphas), recompute_bn, bn_batches, train_examples).check()
     steps = sorted(set(int(k) for k in rewind_steps))
@@ -294,10 +321,13 @@ def instability(trainer: Trainer, rewind_steps, *, level: int = 0, alphas=DEFAUL
     else:
         pipeline.train_dense(trainer)
     dense = pipeline.dense_run_dir(trainer)
+    path = measured_path(trainer, dense, steps, level, settings, alpha_chunk)
+    seeds = pipeline.seeds_of(trainer.config)
     rows = []
-    for k in steps:
-        path = measured_path(trainer, dense, k, level, settings, alpha_chunk)
-        rows += path_rows(pipeline.seeds_of(trainer.config), k, level, path, settings.alphas)
+    for group, k in enumerate(steps):
+        part = slice(group * len(seeds), (group + 1) * len(seeds))
+        rows += path_rows(seeds, k, level, {name: path[name][part] for name in ("errors", "densities")},
+                          settings.alphas)
     return rows
 
 

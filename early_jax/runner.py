@@ -87,11 +87,18 @@ def evaluation_steps(trainer: Trainer, start: int, end: int) -> list[int]:
     return [s for s in range(every * (start // every + 1), end, every)] + [end]
 
 
+Join = Callable[[TrainState], TrainState]
+
+
 def run(trainer: Trainer, run_dir: RunDir, *, description: dict, initial: Callable[[], TrainState],
-        end: int, save_steps=(), label: str = "train") -> tuple[TrainState, dict]:
+        end: int, save_steps=(), label: str = "train", joins: dict[int, Join] | None = None
+        ) -> tuple[TrainState, dict]:
     """Train `initial()` to `end`, or resume, or just load the finished run.
 
     The state at each of `save_steps` and at `end` is kept; metrics are logged at each evaluation.
+    `joins` {step: states -> states} are applied when training reaches that step, before anything
+    is saved there, so rows of a stacked run can start at later steps (a resume past a join step
+    restores the joined state and does not apply it again).
     """
     run_dir.check_identity(description)
     num_seeds = len(description["seeds"])
@@ -99,7 +106,7 @@ def run(trainer: Trainer, run_dir: RunDir, *, description: dict, initial: Callab
     if run_dir.complete():
         return run_dir.restore(end, target), run_dir.result()
     with _exclusive(run_dir):
-        return _train(trainer, run_dir, description, initial, end, save_steps, label, target)
+        return _train(trainer, run_dir, description, initial, end, save_steps, label, target, joins or {})
 
 
 @contextlib.contextmanager
@@ -115,7 +122,7 @@ def _exclusive(run_dir: RunDir):
         yield
 
 
-def _train(trainer, run_dir, description, initial, end, save_steps, label, target):
+def _train(trainer, run_dir, description, initial, end, save_steps, label, target, joins):
     if run_dir.complete():  # finished by another process while this one waited to start
         return run_dir.restore(end, target), run_dir.result()
     resume_step = run_dir.latest_step()
@@ -140,11 +147,13 @@ def _train(trainer, run_dir, description, initial, end, save_steps, label, targe
     def on_chunk(step, metrics):
         bar.update(step, f"loss {np.mean(metrics['loss']):.3f} acc {100 * np.mean(metrics['accuracy']):.1f}%")
 
-    for boundary in sorted(save_steps | evals):
+    for boundary in sorted(save_steps | evals | {s for s in joins if s < end}):
         if boundary <= start:
             continue
         states, metrics = trainer.advance(states, boundary, on_chunk)
         window.append(metrics)
+        if boundary in joins:
+            states = joins[boundary](states)
         if boundary in evals:  # the line goes first: a resume from before it drops it and redoes it
             test = trainer.evaluate(states)
             line = _metrics_line(trainer, boundary, window, test, bar.rate(boundary))

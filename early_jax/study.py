@@ -116,7 +116,8 @@ def training_runs(plan: Plan, trainer: Trainer) -> dict[str, float]:
                         for e in plan.pretrain_epochs)
     return {"dense": 1.0, "IMP": plan.levels * (frac(0) + frac(k)),
             "perturbations": len(plan.perturb_levels) * len(treatments(plan)) * frac(k),
-            "instability": sum(frac(s) for s in steps["instability"]),  # copy 1 is the dense run
+            # copy 2 of every k in one run from the first k; copy 1 is the dense run
+            "instability": len(steps["instability"]) * frac(min(steps["instability"])),
             "telemetry": steps["telemetry"] / total, "pre-training": pretrain_runs}
 
 

@@ -41,9 +41,26 @@ def dense_final(trainer):
     return pipeline.dense_run_dir(trainer).restore(trainer.total_steps, trainer.abstract_state(SEEDS))
 
 
-def copies_final(trainer, k, level=0):
+def copies_final(trainer, steps, level=0):
+    """Copy 1 and copy 2 of every (k, seed) row."""
     dense = pipeline.dense_run_dir(trainer)
-    return ins.first_copy(trainer, dense, k, level), ins.train_second_copy(trainer, dense, k, level)
+    return ins.first_copies(trainer, dense, steps, level), ins.second_copies(trainer, dense, steps, level)
+
+
+def group(states, index):
+    """The S rows of the index-th k."""
+    return rows_of(states, slice(index * SEEDS, (index + 1) * SEEDS))
+
+
+def alone(trainer, k, level=0):
+    """Copy 2 of one k trained as a run of its own."""
+    start = ins.with_second_copy_keys(ins.starting_states(trainer, pipeline.dense_run_dir(trainer), k, level))
+    return trainer.advance(start, trainer.total_steps)[0]
+
+
+def assert_close(a, b, atol=1e-6):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
 
 
 # ----- pure pieces -----
@@ -182,7 +199,7 @@ def test_batchnorm_recompute_averages_batch_statistics_and_keeps_the_params(stud
 def test_copy_one_retraces_the_dense_run_and_copy_two_differs(study):
     trainer, _ = study
     dense = dense_final(trainer)
-    first, second = copies_final(trainer, 3)
+    first, second = (group(states, 1) for states in copies_final(trainer, REWINDS))  # k = 3
     # copy 1 is loaded, not trained: training the start state with the original keys is the dense run
     start = ins.starting_states(trainer, pipeline.dense_run_dir(trainer), 3, 0)
     retraced, _ = trainer.advance(start, trainer.total_steps)
@@ -196,6 +213,41 @@ def test_copy_one_retraces_the_dense_run_and_copy_two_differs(study):
     np.testing.assert_array_equal(second.keys["init"], dense.keys["init"])
     for a, b in zip(jax.tree.leaves(second.params), jax.tree.leaves(dense.params)):
         assert not np.allclose(a, b)
+
+
+def test_each_k_of_the_stacked_second_copies_equals_its_own_run(study):
+    """Rows of a later k join the stacked run at k: each group equals a run from k of its own."""
+    trainer, _ = study
+    _, second = copies_final(trainer, REWINDS)
+    assert np.asarray(second.params["head"]["kernel"]).shape[0] == len(REWINDS) * SEEDS
+    for index, k in enumerate(REWINDS):
+        assert_close(group(second, index), alone(trainer, k))
+    assert not np.allclose(group(second, 0).params["head"]["kernel"], group(second, 1).params["head"]["kernel"])
+
+
+def test_a_kill_after_a_join_resumes_to_the_same_copies(study, monkeypatch):
+    trainer, _ = study
+    dense = pipeline.dense_run_dir(trainer)
+    _, finished = copies_final(trainer, REWINDS)
+    run_dir = ins.copies_dir(trainer, dense, REWINDS, 0)
+    shutil.rmtree(run_dir.path)
+
+    class Killed(Exception):
+        pass
+
+    real_advance = trainer.advance
+    def advance(states, end, *args, **kwargs):  # dies once past the resume point at step 12
+        if current_step(states) >= 12:
+            raise Killed
+        return real_advance(states, end, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "advance", advance)
+    with pytest.raises(Killed):
+        ins.second_copies(trainer, dense, REWINDS, 0)
+    assert ins.copies_dir(trainer, dense, REWINDS, 0).latest_step() == 12  # past the join at k = 3
+    monkeypatch.setattr(trainer, "advance", real_advance)
+    resumed = ins.second_copies(trainer, dense, REWINDS, 0)  # the join is not applied again
+    assert_close(resumed, finished, atol=0)
 
 
 def test_every_seed_rewind_split_and_alpha_has_a_row_and_a_finite_barrier(study):
@@ -216,33 +268,40 @@ def test_rerun_reuses_finished_copies_and_retrains_only_what_is_missing(study, m
     real_advance = trainer.advance
     monkeypatch.setattr(trainer, "advance", lambda *a, **k: pytest.fail("nothing may be retrained"))
     assert ins.instability(trainer, REWINDS) == rows
-    run_dir = ins.copies_dir(trainer, pipeline.dense_run_dir(trainer), 3, 0)
+    run_dir = ins.copies_dir(trainer, pipeline.dense_run_dir(trainer), REWINDS, 0)
     for name in os.listdir(run_dir.path):  # the measured path is recomputed from the stored copies
         if name.startswith("path_"):
             os.remove(run_dir.file(name))
     assert ins.instability(trainer, REWINDS) == rows
-    shutil.rmtree(run_dir.path)  # lost copies of k = 3 are retrained, and only those
-    starts = []
-    monkeypatch.setattr(trainer, "advance",
-                        lambda s, e, *a, **k: starts.append(current_step(s)) or real_advance(s, e, *a, **k))
+    shutil.rmtree(run_dir.path)  # lost copies are retrained from the first k, and nothing else
+    starts, num_rows = [], []
+
+    def advance(states, end, *args, **kwargs):
+        starts.append(current_step(states))
+        num_rows.append(np.asarray(states.step).shape[0])
+        return real_advance(states, end, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "advance", advance)
     assert ins.instability(trainer, REWINDS) == rows
-    assert starts and min(starts) == 3  # k = 0 was not retrained, k = 3 restarted from step 3
+    assert min(starts) == 0 and set(num_rows) == {len(REWINDS) * SEEDS}  # the stacked copies only
 
 
 def test_an_imp_subnetwork_trains_both_copies_with_the_level_mask(study):
+    """Each k has its own IMP level (rewound to k) and its mask (level 1's prunes the dense run, so
+    it is the same for every k; deeper levels differ); its rows train with it."""
     trainer, _ = study
-    rows = ins.instability(trainer, [3], level=1)
+    rows = ins.instability(trainer, REWINDS, level=1)
     assert {r["level"] for r in rows} == {1}
     assert all(r["density"] == pytest.approx(0.8, abs=0.01) for r in rows)
     dense = pipeline.dense_run_dir(trainer)
-    level = pipeline.level_dir(trainer, dense, 3, 1).restore(trainer.total_steps,
-                                                             trainer.abstract_state(SEEDS))
-    first, second = copies_final(trainer, 3, level=1)
-    assert leaves_equal(first.mask, level.mask) and leaves_equal(second.mask, level.mask)
-    start = ins.starting_states(trainer, dense, 3, 1)
-    retraced, _ = trainer.advance(start, trainer.total_steps)
-    for a, b in zip(jax.tree.leaves(retraced.params), jax.tree.leaves(level.params)):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)  # copy 1 retraces IMP level 1
+    first, second = copies_final(trainer, REWINDS, level=1)
+    for index, k in enumerate(REWINDS):
+        level = pipeline.level_dir(trainer, dense, k, 1).restore(trainer.total_steps, trainer.abstract_state(SEEDS))
+        assert leaves_equal(group(first, index).mask, level.mask)
+        assert leaves_equal(group(second, index).mask, level.mask)
+        retraced, _ = trainer.advance(ins.starting_states(trainer, dense, k, 1), trainer.total_steps)
+        assert_close(retraced.params, level.params)  # copy 1 retraces IMP level 1 rewound to k
+        assert_close(group(second, index), alone(trainer, k, level=1))
     summary = ins.barriers(rows)
-    assert len(summary) == SEEDS * len(ins.SPLITS)
+    assert len(summary) == SEEDS * len(REWINDS) * len(ins.SPLITS)
     assert all(math.isfinite(r["barrier"]) for r in summary)
