@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -294,7 +295,12 @@ def measured_path(trainer: Trainer, dense: RunDir, rewind_steps, level: int,
         return progress.read_json(cache)
     second = second_copies(trainer, dense, rewind_steps, level)
     first = first_copies(trainer, dense, rewind_steps, level)
+    num_rows, started = len(rewind_steps) * len(pipeline.seeds_of(trainer.config)), time.time()
+    print(f"[instability level {level}] measuring {num_rows} paths x {len(settings.alphas)} points "
+          f"(test set + {settings.train_examples} train examples"
+          + (f", BatchNorm from {settings.bn_batches} batches each)" if settings.recompute_bn else ")"), flush=True)
     errors = path_errors(trainer, first, second, settings, alpha_chunk)
+    print(f"[instability level {level}] paths measured ({progress.format_seconds(time.time() - started)})", flush=True)
     out = {"settings": dataclasses.asdict(settings), "errors": errors.tolist(),
            "densities": pipeline.mask_densities(first.mask)}
     progress.write_json(cache, out)
