@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 NHWC = ("NHWC", "HWIO", "NHWC")
+KERNEL_GRAD_CHUNK = 16  # examples per kernel-gradient convolution (see _kernel_grad)
 
 
 def _cond_identity(v):
@@ -75,6 +76,21 @@ def _input_grad(g, w, x_shape, strides, pads):
 
 
 def _kernel_grad(g, x, w_shape, strides, pads):
+    """d/dw, summed over chunks of KERNEL_GRAD_CHUNK examples where the input is 16x16 or larger.
+
+    The kernel-gradient convolution has the batch as its feature axis; Eigen runs it 1.4-1.9x
+    faster on 16 features than on 128 (ResNet-20's 32x32 and 16x16 stages, measured on AVX-512;
+    no gain at 8x8, where one convolution is kept).
+    """
+    n, chunk = x.shape[0], KERNEL_GRAD_CHUNK
+    if n <= chunk or n % chunk or min(x.shape[1:3]) < 16:
+        return _kernel_grad_whole(g, x, w_shape, strides, pads)
+    parts = [_kernel_grad_whole(g[i:i + chunk], x[i:i + chunk], w_shape, strides, pads)
+             for i in range(0, n, chunk)]
+    return functools.reduce(jnp.add, parts)
+
+
+def _kernel_grad_whole(g, x, w_shape, strides, pads):
     """d/dw: input channels act as the batch and the batch as the feature axis (canonical form)."""
     grad_pads = []
     for axis, (lo, _) in enumerate(pads):
