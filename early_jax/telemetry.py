@@ -127,8 +127,9 @@ def check_same_weights(replayed, saved, step: int, rtol: float = 1e-5) -> None:
     if gap > rtol * size:
         raise UserError(f"replaying the dense run does not reproduce its checkpoint at step {step} "
                         f"(|replay - saved| = {gap:.3g} vs |w| = {size:.3g}): it was trained another "
-                        "way (backend, seed parallelism, device count); retrain it here (another "
-                        "--workdir) to measure distances to its final weights")
+                        "way (backend, seed parallelism, device count, or an earlier version of "
+                        "early_jax or jax); retrain it here (another --workdir) to measure "
+                        "distances to its final weights")
 
 
 def telemetry_rows(per_step: dict, seeds: list[int], every: int = 1) -> list[dict]:
