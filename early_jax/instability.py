@@ -173,7 +173,7 @@ def bn_images(trainer: Trainer, num_batches: int) -> jax.Array:
 # ----- the compiled path program -----
 @functools.lru_cache(maxsize=8)
 def _path_program(trainer: Trainer, settings: PathSettings, alpha_chunk: int):
-    """jit((params_a, stats_a, params_b, stats_b, bn, test, train) -> correct [S, A, splits])."""
+    """jit((params_a, stats_a, params_b, stats_b, bn, test, train) -> correct [rows, A, splits])."""
     model, alphas = trainer.fns.model, jnp.asarray(settings.alphas, jnp.float32)
 
     def one_pair(params_a, stats_a, params_b, stats_b, bn, test, train):
@@ -194,11 +194,13 @@ def _path_program(trainer: Trainer, settings: PathSettings, alpha_chunk: int):
 
 def path_errors(trainer: Trainer, states_a: TrainState, states_b: TrainState,
                 settings: PathSettings = PathSettings(), alpha_chunk: int | None = None) -> np.ndarray:
-    """Errors [S, len(alphas), len(SPLITS)] along the line from row i of `states_a` to row i of
-    `states_b`. `alpha_chunk` alphas run at once (vmapped); default: all of them where seeds are
-    vmapped (accelerators), one at a time where they are mapped (CPU)."""
+    """Errors [rows, len(alphas), len(SPLITS)] along the line from row i of `states_a` to row i of
+    `states_b`. `alpha_chunk` alphas run at once (vmapped); default where rows are vmapped
+    (accelerators): as many as keep rows x alphas at most S x len(alphas), the memory of one
+    seed group; one at a time where rows are mapped (CPU)."""
     settings = settings.check()
-    chunk = alpha_chunk or (len(settings.alphas) if trainer.parallel == "vmap" else 1)
+    groups = max(1, jax.tree.leaves(states_a.params)[0].shape[0] // len(pipeline.seeds_of(trainer.config)))
+    chunk = alpha_chunk or (max(1, len(settings.alphas) // groups) if trainer.parallel == "vmap" else 1)
     program = _path_program(trainer, settings, chunk)
     bn, train = _path_data(trainer, settings)
     correct = np.asarray(program(states_a.params, states_a.batch_stats, states_b.params,
@@ -256,9 +258,13 @@ def second_copies(trainer: Trainer, dense: RunDir, rewind_steps, level: int) -> 
     """Copy 2's final states, rows (k, seed), trained as one stacked run (trained, resumed or loaded).
 
     Every row starts at the first k; the rows of a later k hold a placeholder until training reaches
-    that k, where their starting state joins the run. Each row then trains exactly as a run of its
-    own from k would, at the price of the placeholder steps (k_i - k_0 of the T steps of a row).
+    that k, where their starting state joins the run. Each row then trains as a run of its own from
+    k would (to float rounding; bit for bit where rows are mapped, as on CPU), at the price of the
+    placeholder steps (k_i - k_0 of the T steps of a row). The progress line and metrics.jsonl
+    average over all rows, placeholders included.
     """
+    if list(rewind_steps) != sorted(set(rewind_steps)) or rewind_steps[-1] >= trainer.total_steps:
+        raise ValueError(f"rewind steps must increase and lie before the end: {rewind_steps}")
     num_seeds = len(pipeline.seeds_of(trainer.config))
     start = lambda k: with_second_copy_keys(starting_states(trainer, dense, k, level))
 

@@ -2,7 +2,7 @@
 
 Layout of a run dir:
   run.json         what the run is (kind, config, seeds, start and end step)
-  execution.json   how its first steps were computed (backend, seed parallelism, devices)
+  execution.json   how its first steps were computed (backend, seed parallelism, devices, CPU conv chunking)
   .lock            held while a process trains the run
   checkpoints/     full states at the requested steps and at the end (kept)
   resume/          the latest state at an evaluation boundary (only the newest is kept)

@@ -17,6 +17,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from early_jax import masks, models, sharding
+from early_jax.models import cpu_conv, layers
 from early_jax.config import Config, TrainConfig, ignored_layers, to_steps
 from early_jax.data.device import (Preprocess, TrainArrays, epoch_permutation, normalize,
                                    steps_per_epoch, train_batch)
@@ -176,7 +177,10 @@ class Trainer:
     @property
     def execution(self) -> dict:
         """How this trainer computes: what must match for a replay to reproduce a run's steps."""
-        return {"backend": jax.default_backend(), "seed_parallel": self.parallel, "devices": self.mesh.size}
+        out = {"backend": jax.default_backend(), "seed_parallel": self.parallel, "devices": self.mesh.size}
+        if layers.conv_impl() is not None:  # CPU: kernel gradients summed in chunks (another order)
+            out["cpu_kernel_grad_chunk"] = cpu_conv.KERNEL_GRAD_CHUNK
+        return out
 
     # ----- state -----
     def init_one(self, seed) -> TrainState:

@@ -48,6 +48,8 @@ def main(args):
                                f"pre-training: {task.name}, {config.model.name}")
     if not args.sparse_level:
         by_epochs = [r | {"curve": f"{r['pretrain_epochs']} epochs"} for r in rows]
+        by_epochs += [r | {"curve": name} for name, ref_rows in references.items() for r in ref_rows
+                      if r["level"] <= levels]  # the supervised IMP curves alongside
         report.plot_accuracy_vs_remaining(by_epochs, "curve", os.path.join(out, "pretrain_curves.png"),
                                           f"IMP after pre-training on {task.name}")
     for e in epochs:

@@ -225,11 +225,13 @@ def test_each_k_of_the_stacked_second_copies_equals_its_own_run(study):
     assert not np.allclose(group(second, 0).params["head"]["kernel"], group(second, 1).params["head"]["kernel"])
 
 
-def test_a_kill_after_a_join_resumes_to_the_same_copies(study, monkeypatch):
+@pytest.mark.parametrize("steps", [REWINDS, [0, 12]])  # k = 12: the join is on an evaluation step
+def test_a_kill_after_a_join_resumes_to_the_same_copies(study, monkeypatch, steps):
     trainer, _ = study
     dense = pipeline.dense_run_dir(trainer)
-    _, finished = copies_final(trainer, REWINDS)
-    run_dir = ins.copies_dir(trainer, dense, REWINDS, 0)
+    _, finished = copies_final(trainer, steps)
+    assert_close(group(finished, 1), alone(trainer, steps[1]))
+    run_dir = ins.copies_dir(trainer, dense, steps, 0)
     shutil.rmtree(run_dir.path)
 
     class Killed(Exception):
@@ -243,11 +245,23 @@ def test_a_kill_after_a_join_resumes_to_the_same_copies(study, monkeypatch):
 
     monkeypatch.setattr(trainer, "advance", advance)
     with pytest.raises(Killed):
-        ins.second_copies(trainer, dense, REWINDS, 0)
-    assert ins.copies_dir(trainer, dense, REWINDS, 0).latest_step() == 12  # past the join at k = 3
+        ins.second_copies(trainer, dense, steps, 0)
+    assert ins.copies_dir(trainer, dense, steps, 0).latest_step() == 12  # at or past the join
     monkeypatch.setattr(trainer, "advance", real_advance)
-    resumed = ins.second_copies(trainer, dense, REWINDS, 0)  # the join is not applied again
+    resumed = ins.second_copies(trainer, dense, steps, 0)  # the join is not applied again
     assert_close(resumed, finished, atol=0)
+
+
+def test_the_path_rows_of_each_k_are_measured_between_that_ks_copies(study):
+    trainer, rows = study
+    first, second = copies_final(trainer, REWINDS)
+    for index, k in enumerate(REWINDS):
+        errors = ins.path_errors(trainer, group(first, index), group(second, index))
+        for seed in range(SEEDS):
+            for s, split in enumerate(ins.SPLITS):
+                measured = [r["error"] for r in rows if (r["rewind"], r["seed"], r["split"]) == (k, seed, split)]
+                np.testing.assert_allclose(measured, errors[seed, :, s], atol=1e-6)
+    assert not np.allclose(*(ins.path_errors(trainer, group(first, i), group(second, i)) for i in (0, 1)))
 
 
 def test_every_seed_rewind_split_and_alpha_has_a_row_and_a_finite_barrier(study):

@@ -85,9 +85,9 @@ def _kernel_grad(g, x, w_shape, strides, pads):
     n, chunk = x.shape[0], KERNEL_GRAD_CHUNK
     if n <= chunk or n % chunk or min(x.shape[1:3]) < 16:
         return _kernel_grad_whole(g, x, w_shape, strides, pads)
-    parts = [_kernel_grad_whole(g[i:i + chunk], x[i:i + chunk], w_shape, strides, pads)
-             for i in range(0, n, chunk)]
-    return functools.reduce(jnp.add, parts)
+    parts = [_kernel_grad_whole(g[i:i + chunk], x[i:i + chunk], w_shape, strides, pads).astype(jnp.float32)
+             for i in range(0, n, chunk)]  # summed in float32 also under bfloat16 compute
+    return functools.reduce(jnp.add, parts).astype(x.dtype)
 
 
 def _kernel_grad_whole(g, x, w_shape, strides, pads):
