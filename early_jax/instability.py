@@ -222,7 +222,10 @@ def copies_dir(trainer: Trainer, dense: RunDir, rewind_steps, level: int) -> Run
     <IMP dir>/instability_level{L}/k0-100-500 for IMP level L."""
     root = (os.path.join(dense.path, "instability") if level == 0
             else os.path.join(pipeline.imp_dir(trainer, dense), f"instability_level{level}"))
-    return RunDir(os.path.join(root, "k" + "-".join(map(str, rewind_steps))))
+    name = "k" + "-".join(map(str, rewind_steps))
+    if len(name) > 64:  # many k values: keep the folder name within file-system limits
+        name = f"k{rewind_steps[0]}-to-{rewind_steps[-1]}_{len(rewind_steps)}values_{cfg.fingerprint(list(rewind_steps))}"
+    return RunDir(os.path.join(root, name))
 
 
 def level_mask(trainer: Trainer, dense: RunDir, rewind_step: int, level: int):

@@ -252,6 +252,15 @@ def test_a_kill_after_a_join_resumes_to_the_same_copies(study, monkeypatch, step
     assert_close(resumed, finished, atol=0)
 
 
+def test_copies_folders_are_named_by_their_k_values_and_stay_short(study):
+    trainer, _ = study
+    dense = pipeline.dense_run_dir(trainer)
+    name = lambda steps: os.path.basename(ins.copies_dir(trainer, dense, steps, 0).path)
+    assert name([0, 3]) == "k0-3"
+    many = list(range(0, 5000, 7))
+    assert len(name(many)) < 64 and name(many) != name(many[:-1])
+
+
 def test_the_path_rows_of_each_k_are_measured_between_that_ks_copies(study):
     trainer, rows = study
     first, second = copies_final(trainer, REWINDS)
