@@ -249,6 +249,11 @@ def stacked(parts: list[TrainState]) -> TrainState:
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
+def group_rows(group: int, num_seeds: int) -> slice:
+    """The rows of the group-th k in a stacked state or path."""
+    return slice(group * num_seeds, (group + 1) * num_seeds)
+
+
 def first_copies(trainer: Trainer, dense: RunDir, rewind_steps, level: int) -> TrainState:
     """Copy 1's final states, rows (k, seed): those of the runs they retrace (the dense run, or
     IMP level `level` rewound to each k)."""
@@ -272,7 +277,7 @@ def second_copies(trainer: Trainer, dense: RunDir, rewind_steps, level: int) -> 
     start = lambda k: with_second_copy_keys(starting_states(trainer, dense, k, level))
 
     def join(group: int):
-        rows = slice(group * num_seeds, (group + 1) * num_seeds)
+        rows = group_rows(group, num_seeds)
         return lambda states: jax.tree.map(lambda full, part: full.at[rows].set(part), states,
                                            start(rewind_steps[group]))
 
@@ -340,7 +345,7 @@ def instability(trainer: Trainer, rewind_steps, *, level: int = 0, alphas=DEFAUL
     seeds = pipeline.seeds_of(trainer.config)
     rows = []
     for group, k in enumerate(steps):
-        part = slice(group * len(seeds), (group + 1) * len(seeds))
+        part = group_rows(group, len(seeds))
         rows += path_rows(seeds, k, level, {name: path[name][part] for name in ("errors", "densities")},
                           settings.alphas)
     return rows

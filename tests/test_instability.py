@@ -49,7 +49,7 @@ def copies_final(trainer, steps, level=0):
 
 def group(states, index):
     """The S rows of the index-th k."""
-    return rows_of(states, slice(index * SEEDS, (index + 1) * SEEDS))
+    return rows_of(states, ins.group_rows(index, SEEDS))
 
 
 def alone(trainer, k, level=0):
