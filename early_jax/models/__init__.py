@@ -14,10 +14,10 @@ from early_jax.models.resnet import ResNet, cifar_resnet_blocks
 from early_jax.models.small import LeNet300100, SmallConvNet
 from early_jax.models.vgg import VGG, VGG_PLANS
 
-_CIFAR_RESNET = re.compile(r"resnet(20|32|44|56|110)(?:_w(\d+))?$")
+_CIFAR_RESNET = re.compile(r"resnet(8|14|20|32|44|56|110)(?:_w(\d+))?$")
 _VGG = re.compile(r"vgg(11|13|16|19)$")
 FIXED_MODELS = ("resnet18", "lenet300_100", "convnet_small", "convnet_tiny")
-MODEL_NAMES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet20_w<W>",
+MODEL_NAMES = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet20_w<W>",
                "vgg11", "vgg13", "vgg16", "vgg19") + FIXED_MODELS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -26,7 +26,7 @@ def create(name: str, num_classes: int = 10, *, bn_scale_init: str = "uniform",
            dtype: str = "float32") -> nn.Module:
     """A Linen module by name; `dtype` is the compute dtype (parameters stay float32).
 
-    Names: resnet{20,32,44,56,110} with optional `_w<W>` first-stage width (default 16),
+    Names: resnet{8,14,20,32,44,56,110} with optional `_w<W>` first-stage width (default 16),
     vgg{11,13,16,19}, resnet18 (ImageNet-style), lenet300_100, convnet_small, convnet_tiny.
     """
     if dtype not in DTYPES:

@@ -57,7 +57,7 @@ class ResNet(nn.Module):
 
 
 def cifar_resnet_blocks(depth: int) -> int:
-    """depth = 6n + 2 for n blocks per stage (20, 32, 44, 56, 110)."""
+    """depth = 6n + 2 for n blocks per stage (8, 14, 20, 32, 44, 56, 110)."""
     if (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
     return (depth - 2) // 6
