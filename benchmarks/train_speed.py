@@ -303,19 +303,19 @@ def loop_plan(config, image_shape, steps: int | None, eval_every: int | None) ->
 def time_loop(trainer, config, steps: int, eval_every: int, saves, meter: CpuMeter):
     """runner.run over `steps` steps with evaluation every `eval_every` and the given saves."""
     import contextlib
-    from early_jax import runner
+    from early_jax import runner, runs
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
-        run_dir = runner.RunDir(tmp)
         trainer.config = dataclasses.replace(
             config, train=dataclasses.replace(config.train, eval_every=f"{eval_every}it"))
+        trainer.total_steps = steps  # the benchmark's loop ends here, not at the config's duration
         seeds = list(range(config.num_seeds))
         initial = trainer.init(seeds)
         trainer.evaluate(initial)  # compile evaluation outside the timed loop
         sync(initial)
         meter.start()
         t0 = time.perf_counter()
-        runner.run(trainer, run_dir, description={"kind": "bench", "seeds": seeds}, initial=lambda: initial,
-                   end=steps, save_steps=saves, label="bench")
+        runner.run(trainer, runs.Dense(config.model, config.train, True, "bench", (), tuple(seeds)),
+                   workdir=tmp, initial=lambda: initial, save_steps=saves, label="bench")
         return (time.perf_counter() - t0) / steps, meter.others()
 
 
@@ -327,7 +327,7 @@ def time_eval_and_save(trainer, states) -> tuple[float, float]:
     trainer.evaluate(states)
     eval_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
-        store = Checkpoints(tmp)
+        store = Checkpoints(tmp, writable=True)
         store.save(0, states)
         t0 = time.perf_counter()
         store.save(1, states)

@@ -9,6 +9,7 @@ function of the key alone. All are jit- and vmap-able over a leading seed axis.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -31,6 +32,23 @@ PERTURBATIONS = {
     "shuffle_filter_keep_signs": "permute kept magnitudes within each output channel, signs stay",
     "noise": "add N(0, (scale * sigma_l)^2) to the kept weights of layer l (Fig. 6)",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Treatment:
+    """One perturbation as run: its name (a key of PERTURBATIONS) and, for noise, the multiplier
+    n. These two fields are its identity (folders, random streams); `label` is only for display."""
+
+    name: str
+    scale: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"noise {self.scale:g}x" if self.name == "noise" else self.name
+
+    @property
+    def stream_names(self) -> tuple:
+        return ("perturbation", self.name) + ((f"{self.scale!r}",) if self.scale is not None else ())
 
 
 def _sorted_paths(flat_mask) -> list[tuple]:

@@ -9,20 +9,21 @@ from step P * steps_per_epoch, as the paper's code does); `offset="none"` trains
 from __future__ import annotations
 
 import dataclasses
-import os
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from early_jax import masks, models, pipeline
+from early_jax import masks, models, pipeline, runs, streams
 from early_jax.config import ignored_layers, to_steps
 from early_jax.data.device import (Preprocess, blur, fixed_quarter_turns, fixed_random_labels,
                                    rotate_host)
 from early_jax.data.record import Dataset
 from early_jax.errors import UserError
-from early_jax.runner import RunDir, run
-from early_jax.train import Trainer, TrainState, seed_keys
+from early_jax.pipeline import Experiment
+from early_jax.runner import run
+from early_jax.train import Trainer, TrainState
 
 TASK_PARTS = ("random_labels", "blur", "rotation", "subset")
 OFFSETS = ("replace", "none")
@@ -86,41 +87,42 @@ def blur_host(images: np.ndarray, factor: int) -> np.ndarray:
 def task_dataset(task: Task, dataset: Dataset, seed: int) -> Dataset:
     """The dataset the pre-training sees; its test split is transformed the same way so that the
     pre-training's own test accuracy means something (rotation: predict the test rotations).
-    Normalisation keeps the real dataset's statistics."""
-    rng = np.random.default_rng(seed)
+    Normalisation keeps the real dataset's statistics. Every draw has its own stream of `seed`."""
     x, y = dataset.x_train, dataset.y_train
     if task.subset < 1:
+        rng = streams.host_rng(seed, "pretrain_subset")
         chosen = np.sort(rng.choice(len(x), max(1, round(task.subset * len(x))), replace=False))
         x, y = x[chosen], y[chosen]
     if task.random_labels:
-        y = fixed_random_labels(y, dataset.num_classes, task.random_labels, seed)
+        y = fixed_random_labels(y, dataset.num_classes, task.random_labels,
+                                streams.host_rng(seed, "pretrain_random_labels"))
     x_test, y_test, num_classes = dataset.x_test, dataset.y_test, dataset.num_classes
     if task.rotation:
-        if task.rotation == "fixed":
-            y = fixed_quarter_turns(len(x), seed)  # the train step turns each image by its label
-        y_test = fixed_quarter_turns(len(x_test), seed + 1)
+        if task.rotation == "fixed":  # the train step turns each image by its label
+            y = fixed_quarter_turns(len(x), streams.host_rng(seed, "pretrain_rotations_train"))
+        y_test = fixed_quarter_turns(len(x_test), streams.host_rng(seed, "pretrain_rotations_test"))
         x_test, num_classes = rotate_host(x_test, y_test), 4
     if task.blur > 1:
         x_test = blur_host(x_test, task.blur)
     return dataclasses.replace(dataset, name=f"{dataset.name}:{task.name}", x_train=x, y_train=y,
-                               x_test=x_test, y_test=y_test, num_classes=num_classes)
+                               x_test=x_test, y_test=y_test, num_classes=num_classes, sources=())
 
 
-def pretrain_trainer(main: Trainer, task: Task, epochs: int) -> Trainer:
+def pretrain_trainer(exp: Experiment, task: Task, epochs: int) -> Trainer:
     """A trainer for P epochs of the task; durations are converted with the *main* dataset's steps
     per epoch, so a subset task still pre-trains for P * steps_per_epoch iterations on the same
     learning-rate schedule as the main run."""
-    spe = main.steps_per_epoch
+    spe = exp.steps_per_epoch
     as_iterations = lambda d: f"{to_steps(d, spe)}it"
-    tc = main.config.train
+    tc = exp.config.train
     train = dataclasses.replace(tc, duration=f"{epochs * spe}it", save_steps=(),
                                 milestones=tuple(map(as_iterations, tc.milestones)),
                                 warmup=as_iterations(tc.warmup), eval_every=as_iterations(tc.eval_every))
-    config = dataclasses.replace(main.config, train=train)
+    config = dataclasses.replace(exp.config, train=train)
     prep = Preprocess(augment=config.data.augment, blur_factor=task.blur,
                       rotation={"fixed": "label", "redraw": "redraw"}.get(task.rotation, ""),
                       rotate_first=task.rotate_first)
-    return Trainer(config, task_dataset(task, main.dataset, config.seed), prep=prep, mesh=main.mesh)
+    return Trainer(config, task_dataset(task, exp.dataset, config.seed), prep=prep, mesh=exp.trainer.mesh)
 
 
 def widen_mask(mask, params, ignore) -> dict:
@@ -135,17 +137,18 @@ def widen_mask(mask, params, ignore) -> dict:
 
 def fresh_head(main: Trainer, seed) -> dict:
     """A newly drawn output layer for one seed, from its own stream of the init key."""
-    init_key = jax.random.wrap_key_data(seed_keys(seed)["init"])
-    variables = models.init_variables(main.model, jax.random.fold_in(init_key, 1), main.dataset.image_shape)
+    init_key = jax.random.wrap_key_data(streams.seed_keys(seed)["init"])
+    variables = models.init_variables(main.model, streams.derive(init_key, "fresh_head"), main.dataset.image_shape)
     return variables["params"]["head"]
 
 
-def main_start(main: Trainer, pre: TrainState, start_step: int, mask=None, *, new_head: bool = False
+def main_start(exp: Experiment, pre: TrainState, start_step: int, mask=None, *, new_head: bool = False
                ) -> TrainState:
     """The main run's state after pre-training: pre-trained weights and BatchNorm statistics (with
     `new_head`, a freshly drawn output layer for the real task: after rotation prediction), a fresh
     optimizer, the main run's keys (data order continues as the dense run's would from
     `start_step`), and `mask` (default: dense)."""
+    main = exp.trainer
 
     def one(pre_state: TrainState, seed, keep) -> TrainState:
         base = main.init_one(seed)
@@ -155,85 +158,66 @@ def main_start(main: Trainer, pre: TrainState, start_step: int, mask=None, *, ne
         return base.replace(step=jnp.int32(start_step), params=params, batch_stats=pre_state.batch_stats,
                             opt_state=main.tx.init(params), mask=keep)
 
-    return jax.jit(jax.vmap(one))(pre, jnp.asarray(pipeline.seeds_of(main.config)), mask)
+    return jax.jit(jax.vmap(one))(pre, jnp.asarray(exp.seeds), mask)
 
 
-def start_step(main: Trainer, epochs: int, offset: str) -> int:
+def start_step(exp: Experiment, epochs: int, offset: str) -> int:
     if offset not in OFFSETS:
         raise UserError(f"--offset must be one of {OFFSETS}, got {offset!r}")
-    step = epochs * main.steps_per_epoch if offset == "replace" else 0
-    if step >= main.total_steps:
-        raise UserError(f"{epochs} pre-training epochs replace the whole {main.total_steps}-step run; "
+    step = epochs * exp.steps_per_epoch if offset == "replace" else 0
+    if step >= exp.total_steps:
+        raise UserError(f"{epochs} pre-training epochs replace the whole {exp.total_steps}-step run; "
                         "use fewer epochs or --offset=none")
     return step
 
 
-def pretrain(main: Trainer, task: Task, epochs: int, root: str, sparse_mask=None) -> TrainState:
-    """Pre-train every seed for `epochs` epochs of `task` (resumable); returns the final states.
-    With `sparse_mask`, only that subnetwork is pre-trained (pruned weights stay zero)."""
-    trainer = pretrain_trainer(main, task, epochs)
-    seeds = pipeline.seeds_of(main.config)
+def pretrain(exp: Experiment, descriptor: runs.Pretraining, sparse_mask=None):
+    """Pre-train every seed (resumable); returns the run's outcome. With `sparse_mask`, only that
+    subnetwork is pre-trained (pruned weights stay zero)."""
+    trainer = pretrain_trainer(exp, descriptor.task, descriptor.epochs)
 
     def initial():
-        states = trainer.init(seeds)
+        states = trainer.init(exp.seeds)
         if sparse_mask is None:
             return states
-        wide = jax.vmap(lambda m, p: widen_mask(m, p, ignored_layers(main.config)))(sparse_mask, states.params)
+        ignore = ignored_layers(exp.config)
+        wide = jax.vmap(lambda m, p: widen_mask(m, p, ignore))(sparse_mask(), states.params)
         return states.replace(params=jax.jit(jax.vmap(masks.apply_mask))(states.params, wide), mask=wide)
 
-    description = {"kind": "pretrain", "task": dataclasses.asdict(task), "epochs": epochs,
-                   "sparse": sparse_mask is not None, "seeds": seeds, "root": os.path.basename(root)}
-    states, _ = run(trainer, RunDir(os.path.join(root, "pretrain")), description=description,
-                    initial=initial, end=trainer.total_steps, label=f"pretrain {task.name} {epochs}ep")
-    return states
+    return run(trainer, descriptor, initial=initial, workdir=exp.config.workdir,
+               label=f"pretrain {descriptor.task.name} {descriptor.epochs}ep")
 
 
-def study_dir(main: Trainer, dense: RunDir, task: Task, epochs: int, offset: str, sparse: str = "") -> str:
-    return os.path.join(dense.path, "pretrain", f"{task.name}_{epochs}ep_{offset}{sparse}")
-
-
-def pretrain_imp(main: Trainer, task: Task, epochs: int, levels: int, offset: str = "replace"
+def pretrain_imp(exp: Experiment, task: Task, epochs: int, levels: int, offset: str = "replace"
                  ) -> list[dict]:
     """Pre-train, then IMP rewinding to the pre-trained state: one row per (level, seed).
 
     With 0 epochs the start is W_0, so the rows are those of IMP rewound to step 0 (reused)."""
-    step0 = start_step(main, epochs, offset)
+    step0 = start_step(exp, epochs, offset)
     tag = {"task": task.name, "pretrain_epochs": epochs}
     if epochs == 0:
-        return [tag | row for row in pipeline.imp(main, [0], levels)]
-    _, _, dense = pipeline.train_dense(main)
-    root = study_dir(main, dense, task, epochs, offset)
-    pre = pretrain(main, task, epochs, root)
-    start = lambda: main_start(main, pre, step0, new_head=bool(task.rotation))
-    identity = {"dense": os.path.basename(dense.path), "pretrain": os.path.basename(root)}
-    imp_root = os.path.join(root, pipeline.imp_name(main.config))  # one chain per prune setting
-    level0, result0 = run(main, RunDir(os.path.join(imp_root, "level0")),
-                          description={"kind": "pretrained_dense", **identity,
-                                       "seeds": pipeline.seeds_of(main.config)},
-                          initial=start, end=main.total_steps, label=f"{task.name} {epochs}ep level 0")
-    chain = pipeline.imp_chain(main, imp_root, start, level0, levels, identity,
-                               f"{task.name} {epochs}ep")
-    rows = pipeline.result_rows(0, level0.mask, result0)
-    rows += [row for level, mask, result in chain for row in pipeline.result_rows(level, mask, result)]
-    return [tag | row for row in rows]
+        return [tag | row for row in pipeline.imp(exp, [0], levels)]
+    descriptor = runs.Pretraining(exp.dense, task, epochs)
+    after = [runs.AfterPretraining(descriptor, offset, exp.prune if level else None, level)
+             for level in range(levels + 1)]
+    pre = functools.cache(lambda: pretrain(exp, descriptor))  # only if a level still has to train
+    start = lambda: main_start(exp, pre().states(), step0, new_head=bool(task.rotation))
+    level0 = run(exp.trainer, after[0], initial=start, label=f"{task.name} {epochs}ep level 0")
+    chain = pipeline.imp_chain(exp, after[1:], start, level0, f"{task.name} {epochs}ep")
+    return [tag | row for level, outcome in enumerate([level0, *chain])
+            for row in pipeline.result_rows(outcome.result, level=level)]
 
 
-def sparse_pretrain(main: Trainer, task: Task, epochs: int, level: int, rewind: int,
+def sparse_pretrain(exp: Experiment, task: Task, epochs: int, level: int, rewind: int,
                     offset: str = "replace") -> list[dict]:
     """Pre-train only the subnetwork of IMP `level` (rewinding to `rewind`), then train it on the
     real task from the pre-trained weights with the same mask: one row per seed."""
-    step0 = start_step(main, epochs, offset)
-    pipeline.imp(main, [rewind], level)
-    dense_states, _, dense = pipeline.train_dense(main)
-    mask = pipeline.level_dir(main, dense, rewind, level).restore(main.total_steps, dense_states).mask
-    root = study_dir(main, dense, task, epochs, offset,
-                     f"_sparse_{pipeline.imp_name(main.config)}_level{level}_k{rewind}")
-    pre = pretrain(main, task, epochs, root, sparse_mask=mask)
-    description = {"kind": "sparse_pretrained", "dense": os.path.basename(dense.path),
-                   "pretrain": os.path.basename(root), "seeds": pipeline.seeds_of(main.config)}
-    states, result = run(main, RunDir(os.path.join(root, "main")), description=description,
-                         initial=lambda: main_start(main, pre, step0, mask, new_head=bool(task.rotation)),
-                         end=main.total_steps,
-                         label=f"sparse {task.name} {epochs}ep")
+    step0 = start_step(exp, epochs, offset)
+    descriptor = runs.Pretraining(exp.dense, task, epochs, sparse=exp.level(rewind, level))
+    mask = functools.cache(lambda: pipeline.mask_of(exp, rewind, level))
+    pre = functools.cache(lambda: pretrain(exp, descriptor, sparse_mask=mask))
+    after = runs.AfterPretraining(descriptor, offset)
+    outcome = run(exp.trainer, after, label=f"sparse {task.name} {epochs}ep",
+                  initial=lambda: main_start(exp, pre().states(), step0, mask(), new_head=bool(task.rotation)))
     tag = {"task": task.name + "_sparse", "pretrain_epochs": epochs}
-    return [tag | row for row in pipeline.result_rows(level, states.mask, result)]
+    return [tag | row for row in pipeline.result_rows(outcome.result, level=level)]

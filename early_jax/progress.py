@@ -1,12 +1,8 @@
-"""Progress lines for long work and small atomic file helpers for work dirs."""
+"""Progress lines for long work: what runs, how far, how fast, how long still."""
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
-
-from early_jax.errors import UserError
 
 
 def format_seconds(seconds: float) -> str:
@@ -56,47 +52,3 @@ class Progress:
         elapsed = format_seconds(time.time() - self.t0)
         self.stream.write(("\r" if self.tty else "") + f"[{self.label}] {text} ({elapsed})".ljust(80) + "\n")
         self.stream.flush()
-
-
-def write_json(path: str, obj) -> None:
-    """Write through a temporary file and rename, so a kill never leaves half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=_to_builtin)
-    os.replace(tmp, path)
-
-
-def read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err}); delete it (a run rebuilds its own "
-                        "files) or restore it") from None
-
-
-def append_jsonl(path: str, obj) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, default=_to_builtin) + "\n")
-
-
-def read_jsonl(path: str) -> list:
-    """The logged lines; a last line cut short by a kill mid-write is dropped, not fatal."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    out = []
-    for i, line in enumerate(lines):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise
-    return out
-
-
-def _to_builtin(x):
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    raise TypeError(f"cannot write {type(x).__name__} as JSON")

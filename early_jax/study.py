@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import time
 
-from early_jax import branches, config as cfg, instability, pipeline, pretrain, progress, report, telemetry
-from early_jax.config import to_steps
+from early_jax import branches, config as cfg, files, instability, pipeline, plans, pretrain, runs, tables, telemetry
 from early_jax.errors import UserError
-from early_jax.progress import format_seconds
-from early_jax.train import Trainer
+from early_jax.interpolation import DEFAULT_ALPHAS, PathSettings
+from early_jax.perturb import Treatment
+from early_jax.pipeline import Experiment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +31,7 @@ class Plan:
     pretrain_task: str = "blur"
     pretrain_epochs: tuple = (1, 2, 4)
     pretrain_offset: str = "replace"  # "none" where P epochs would eat most of a short run
-    instability_alphas: tuple = instability.DEFAULT_ALPHAS
+    instability_alphas: tuple = DEFAULT_ALPHAS
     instability_train_examples: int = 10_000
     instability_bn_batches: int = 50
 
@@ -75,110 +74,91 @@ def study_config(preset: str, overrides: dict) -> tuple[cfg.Config, Plan]:
     return config, plan
 
 
-def study_dir(trainer: Trainer, plan: Plan) -> str:
+def descriptor(exp: Experiment, plan: Plan) -> runs.Study:
     """The study's tables and report: one folder per prune setting and plan, so two studies that
-    share a dense run never mix their tables. Creates nothing."""
-    name = f"study_{pipeline.imp_name(trainer.config)}_{cfg.fingerprint(plan)}"
-    return os.path.join(pipeline.dense_dir(trainer.config), name)
+    share a dense run never mix their tables."""
+    return runs.Study(exp.dense, exp.prune, plan)
 
 
-def steps_of(plan: Plan, trainer: Trainer) -> dict:
-    spe = trainer.steps_per_epoch
-    return {"rewind": to_steps(plan.rewind, spe),
-            "instability": sorted({to_steps(k, spe) for k in plan.instability_rewinds}),
-            "telemetry": min(to_steps(plan.telemetry_steps, spe), trainer.total_steps)}
+def steps_of(plan: Plan, exp: Experiment) -> dict:
+    return {"rewind": exp.steps(plan.rewind),
+            "instability": sorted({exp.steps(k) for k in plan.instability_rewinds}),
+            "telemetry": min(exp.steps(plan.telemetry_steps), exp.total_steps)}
 
 
-def check(plan: Plan, trainer: Trainer) -> None:
+def check(plan: Plan, exp: Experiment) -> None:
     """Everything the study will refuse, refused before any training."""
-    steps = steps_of(plan, trainer)
-    pipeline.check_rewind_steps(trainer, [0, steps["rewind"], *steps["instability"]])
+    steps = steps_of(plan, exp)
+    pipeline.check_rewind_steps(exp, [0, steps["rewind"], *steps["instability"]])
     branches.check_treatments(treatments(plan))
-    pretrain.check_task(pretrain.parse_task(plan.pretrain_task), trainer.dataset, trainer.config.train.batch_size)
+    pretrain.check_task(pretrain.parse_task(plan.pretrain_task), exp.dataset, exp.config.train.batch_size)
     for epochs in plan.pretrain_epochs:
-        pretrain.start_step(trainer, epochs, plan.pretrain_offset)
+        pretrain.start_step(exp, epochs, plan.pretrain_offset)
     if not set(plan.perturb_levels) <= set(range(1, plan.levels + 1)):
         raise UserError(f"perturbation levels {plan.perturb_levels} must lie in 1..{plan.levels}")
+    path_settings(plan).check()
 
 
-def treatments(plan: Plan) -> list:
-    return ([branches.Treatment(name) for name in plan.treatments]
-            + [branches.Treatment("noise", n) for n in plan.noise_scales])
+def path_settings(plan: Plan) -> PathSettings:
+    return PathSettings(tuple(plan.instability_alphas), True, plan.instability_bn_batches,
+                        plan.instability_train_examples)
 
 
-def training_runs(plan: Plan, trainer: Trainer) -> dict[str, float]:
-    """How many full trainings (of all seeds) each piece costs, counting a run from k as (T-k)/T."""
-    steps, total = steps_of(plan, trainer), trainer.total_steps
+def treatments(plan: Plan) -> list[Treatment]:
+    return [Treatment(name) for name in plan.treatments] + [Treatment("noise", n) for n in plan.noise_scales]
+
+
+def pieces(plan: Plan, exp: Experiment) -> list[plans.Piece]:
+    """Every run the study trains (finished ones are priced at nothing by plans.print_plan)."""
+    steps, end, seeds = steps_of(plan, exp), exp.total_steps, len(exp.seeds)
     k = steps["rewind"]
-    frac = lambda start: (total - start) / total
-    pretrain_runs = sum(e * trainer.steps_per_epoch / total
-                        + (plan.levels + 1) * frac(pretrain.start_step(trainer, e, plan.pretrain_offset))
-                        for e in plan.pretrain_epochs)
-    return {"dense": 1.0, "IMP": plan.levels * (frac(0) + frac(k)),
-            "perturbations": len(plan.perturb_levels) * len(treatments(plan)) * frac(k),
-            # copy 2 of every k in one run from the first k; copy 1 is the dense run
-            "instability": len(steps["instability"]) * frac(min(steps["instability"])),
-            "telemetry": steps["telemetry"] / total, "pre-training": pretrain_runs}
+    branch = branches.descriptor(exp, k, sorted(plan.perturb_levels), treatments(plan))
+    copies = instability.copies(exp, steps["instability"], 0)
+    out = plans.dense_and_imp(exp, {0, k}, plan.levels) + [
+        plans.Piece(f"telemetry replay ({steps['telemetry']} steps)", telemetry.descriptor_of(
+            exp, steps["telemetry"], level=max(plan.perturb_levels), rewind=k), seeds, 0, steps["telemetry"]),
+        plans.Piece(f"perturbations ({len(branch.rows)} rows x seeds)", branch, len(branch.seeds), k, end),
+        plans.Piece(f"instability copies ({len(steps['instability'])} k x seeds)", copies,
+                    len(copies.seeds), min(steps["instability"]), end)]
+    task = pretrain.parse_task(plan.pretrain_task)
+    for e in plan.pretrain_epochs:
+        pre = runs.Pretraining(exp.dense, task, e)
+        start = pretrain.start_step(exp, e, plan.pretrain_offset)
+        out.append(plans.Piece(f"pre-training {task.name} {e}ep", pre, seeds, 0, e * exp.steps_per_epoch))
+        out += [plans.Piece(f"  then level {level}", runs.AfterPretraining(
+            pre, plan.pretrain_offset, exp.prune if level else None, level), seeds, start, end)
+            for level in range(plan.levels + 1)]
+    return out
 
 
-def print_plan(plan: Plan, trainer: Trainer, seconds_per_step: float) -> float:
-    """Print what will run and an estimated time of every piece (pieces already in the work dir
-    are reused and take far less)."""
-    runs = training_runs(plan, trainer)
-    seeds = trainer.config.num_seeds
-    per_run = trainer.total_steps * seconds_per_step
-    print(f"early-phase study: {trainer.config.model.name} on {trainer.dataset.name}, {seeds} seed(s), "
-          f"{trainer.total_steps} steps per training; rewind k={steps_of(plan, trainer)['rewind']}, "
-          f"{plan.levels} IMP levels")
-    for piece, count in runs.items():
-        print(f"  {piece:14s} {count:5.1f} trainings  ~{format_seconds(count * per_run)}")
-    estimate = sum(runs.values()) * per_run
-    print(f"  estimated total ~{format_seconds(estimate)} at {1 / seconds_per_step:.1f} steps/s "
-          "(all seeds; pieces already in the work dir are reused)")
-    return estimate
-
-
-def measure_speed(trainer: Trainer) -> float:
-    """Seconds per training step of all seeds, timed on a throwaway state after compiling."""
-    states = trainer.init(pipeline.seeds_of(trainer.config))
-    states, _ = trainer.advance(states, 1)  # compile
-    start = time.time()
-    end = min(trainer.total_steps, 51)
-    trainer.advance(states, end)
-    return (time.time() - start) / (end - 1)
-
-
-def run_study(trainer: Trainer, plan: Plan, out: str) -> dict[str, str]:
-    """Run (or reuse) every piece, write the CSVs into `out`; returns {table name: path}."""
-    check(plan, trainer)
-    steps = steps_of(plan, trainer)
+def run_study(exp: Experiment, plan: Plan) -> dict[str, str]:
+    """Run (or reuse) every piece, write the CSVs into the study's folder; returns {table: path}."""
+    check(plan, exp)
+    steps = steps_of(plan, exp)
     k = steps["rewind"]
-    os.makedirs(out, exist_ok=True)
-    config = trainer.config
-    progress.write_json(os.path.join(out, "study.json"), {
-        "title": f"early-phase study: {config.model.name} on {trainer.dataset.name}",
-        "plan": dataclasses.asdict(plan), "prune": pipeline.prune_identity(trainer),
-        "seeds": pipeline.seeds_of(config), "dense": os.path.basename(pipeline.dense_dir(config))})
-    tables = {}
+    out = exp.path(descriptor(exp, plan))
+    config = exp.config
+    files.write_json(os.path.join(out, "study.json"), {
+        "title": f"early-phase study: {config.model.name} on {exp.dataset.name}",
+        "plan": dataclasses.asdict(plan), "prune": runs.identity(exp.prune),
+        "seeds": list(exp.seeds), "dense": exp.dense.folder()})
+    tables_ = {}
 
     def save(name, rows):
-        tables[name] = report.write_csv(rows, os.path.join(out, f"{name}.csv"))
+        tables_[name] = tables.write_csv(rows, os.path.join(out, f"{name}.csv"))
 
-    _, dense_result, _ = pipeline.train_dense(trainer)
-    save("dense", [{"seed": s, "accuracy": a} for s, a in zip(dense_result["seeds"], dense_result["test_accuracy"])])
-    save("imp", pipeline.imp(trainer, sorted({0, k}), plan.levels))
-    tel = telemetry.run_telemetry(trainer, steps["telemetry"], level=max(plan.perturb_levels), rewind=k)
-    tables["telemetry"] = shutil.copy(os.path.join(tel, "telemetry.csv"), os.path.join(out, "telemetry.csv"))
-    rows, _ = branches.run_experiment(trainer, k, list(plan.perturb_levels), treatments(plan), "study",
-                                      "perturbations at k")
-    save("perturbations", rows)
-    along = instability.instability(trainer, steps["instability"], alphas=plan.instability_alphas,
-                                    train_examples=plan.instability_train_examples,
-                                    bn_batches=plan.instability_bn_batches)
+    dense = pipeline.train_dense(exp)
+    save("dense", pipeline.result_rows(dense.result, level=0))
+    save("imp", pipeline.imp(exp, sorted({0, k}), plan.levels))
+    tel = telemetry.run_telemetry(exp, steps["telemetry"], level=max(plan.perturb_levels), rewind=k)
+    tables_["telemetry"] = shutil.copy(os.path.join(tel, "telemetry.csv"), os.path.join(out, "telemetry.csv"))
+    save("perturbations", branches.reference_rows(exp, k, list(plan.perturb_levels))
+         + branches.run_branches(exp, k, list(plan.perturb_levels), treatments(plan)))
+    along = instability.instability(exp, steps["instability"], settings=path_settings(plan))
     save("instability_path", along)
     save("instability", instability.barriers(along))
     task = pretrain.parse_task(plan.pretrain_task)
     pre_rows = [row for e in (0, *plan.pretrain_epochs)
-                for row in pretrain.pretrain_imp(trainer, task, e, plan.levels, plan.pretrain_offset)]
+                for row in pretrain.pretrain_imp(exp, task, e, plan.levels, plan.pretrain_offset)]
     save("pretrain", pre_rows)
-    return tables
+    return tables_

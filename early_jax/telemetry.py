@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from early_jax import masks, pipeline, report
+from early_jax import files, masks, pipeline, report, runs, streams, tables
 from early_jax.errors import UserError
+from early_jax.pipeline import Experiment
 from early_jax.train import Trainer, TrainState
 
 STATS = ("mean_abs", "sign_flip", "dist_init", "dist_final", "cos_init", "cos_final")
@@ -164,38 +165,39 @@ def layer_rows(per_step: dict, seeds: list[int], layers: list[str]) -> list[dict
 
 def sample_keys(states: TrainState) -> jax.Array:
     """Which weights to trace: drawn from each seed's perturbation stream (no other stream moves)."""
-    return jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), 7))(states.keys["perturb"])
+    return jax.vmap(lambda k: streams.derive(jax.random.wrap_key_data(k), "telemetry_samples"))(states.keys["perturb"])
 
 
-def run_telemetry(trainer: Trainer, end: int, *, level: int = 0, rewind: int = 0,
-                  every: int = 1) -> str:
+def descriptor_of(exp: Experiment, end: int, *, level: int = 0, rewind: int = 0, every: int = 1) -> runs.Telemetry:
+    return runs.Telemetry(exp.dense, end, every, exp.level(rewind, level) if level else None)
+
+
+def run_telemetry(exp: Experiment, end: int, *, level: int = 0, rewind: int = 0, every: int = 1) -> str:
     """Telemetry of the first `end` steps of the dense run (trained or reused first), optionally
     with the subnetwork kept at IMP `level` (rewinding to `rewind`). Writes telemetry.csv,
     telemetry_layers.csv and telemetry.png into a folder of the dense run; returns that folder.
-    A finished folder is reused."""
-    dense_states, _, dense = pipeline.train_dense(trainer)
-    sub = f"_{pipeline.imp_name(trainer.config)}_level{level}_k{rewind}" if level else ""
-    out = os.path.join(dense.path, f"telemetry_{end}_every{every}{sub}")
-    if os.path.exists(os.path.join(out, "telemetry.png")):
+    A finished folder is found and reused without touching a checkpoint."""
+    descriptor = descriptor_of(exp, end, level=level, rewind=rewind, every=every)
+    out = exp.path(descriptor)
+    if descriptor.complete(exp.config.workdir):
         return out
-    subnet = None
-    if level:
-        pipeline.imp(trainer, [rewind], level)
-        subnet = pipeline.level_dir(trainer, dense, rewind, level).restore(
-            trainer.total_steps, dense_states).mask
-    start = pipeline.state_at(trainer, dense, 0)
-    refs = jax.jit(jax.vmap(make_refs))(start.params, dense_states.params, start.mask, subnet,
-                                        sample_keys(start))
-    layers = layer_names(jax.tree.map(lambda x: x[0], start.params),
-                         jax.tree.map(lambda x: x[0], start.mask))
-    pipeline.check_replayable(trainer, dense, end)
-    params_at = lambda step: dense.restore(step, dense_states).params
-    _, per_step = replay(trainer, start, refs, end,
-                         saved={s: functools.partial(params_at, s) for s in dense.kept.steps()})
-    seeds = pipeline.seeds_of(trainer.config)
-    rows = telemetry_rows(per_step, seeds, every)
-    report.write_csv(rows, os.path.join(out, "telemetry.csv"))
-    report.write_csv(layer_rows(per_step, seeds, layers), os.path.join(out, "telemetry_layers.csv"))
+    dense = pipeline.train_dense(exp)
+    subnet = pipeline.mask_of(exp, rewind, level) if level else None
+    start = pipeline.state_at(exp, 0)
+    final = dense.states()
+    refs = jax.jit(jax.vmap(make_refs))(start.params, final.params, start.mask, subnet, sample_keys(start))
+    layers = layer_names(jax.tree.map(lambda x: x[0], start.params), jax.tree.map(lambda x: x[0], start.mask))
+    dense_dir = exp.run_dir(exp.dense)
+    pipeline.check_replayable(exp, dense_dir, end)
+    params_at = lambda step: dense_dir.restore(step, final).params
+    _, per_step = replay(exp.trainer, start, refs, end,
+                         saved={s: functools.partial(params_at, s) for s in dense_dir.checkpoints().steps()})
+    rows = telemetry_rows(per_step, list(exp.seeds), every)
+    exp.run_dir(descriptor).claim(descriptor.describe())
+    tables.write_csv(rows, os.path.join(out, "telemetry.csv"))
+    tables.write_csv(layer_rows(per_step, list(exp.seeds), layers), os.path.join(out, "telemetry_layers.csv"))
     report.plot_telemetry(rows, os.path.join(out, "telemetry.png"),
-                          f"early phase, {trainer.config.model.name}", subnet=bool(level))
+                          f"early phase, {exp.config.model.name}", subnet=bool(level))
+    files.write_json(os.path.join(out, "result.json"), {"steps": end, "seeds": list(exp.seeds),
+                                                       "tables": ["telemetry.csv", "telemetry_layers.csv"]})
     return out

@@ -20,14 +20,14 @@ from early_jax import masks, models, sharding
 from early_jax.models import cpu_conv, layers
 from early_jax.config import Config, TrainConfig, ignored_layers, to_steps
 from early_jax.data.device import (Preprocess, TrainArrays, epoch_permutation, normalize,
-                                   steps_per_epoch, train_batch)
+                                   padded_batches, steps_per_epoch, train_batch)
 from early_jax.data.record import Dataset
 from early_jax.errors import UserError
+from early_jax.streams import seed_keys
 
-# Independent random streams: changing one (e.g. data order for instability) never shifts another.
-PURPOSES = ("init", "order", "augment", "perturb")
 STEPS_PER_CALL = 50  # steps per compiled call; shorter segments skip the rest at no cost
-TRAIN_METRICS = ("loss", "accuracy", "grad_norm")  # what every step reports: float32 per seed
+# What every step reports per seed: float32 metrics, and whether loss and weights are finite.
+TRAIN_METRICS = ("loss", "accuracy", "grad_norm", "finite")
 
 
 @flax.struct.dataclass
@@ -41,12 +41,6 @@ class TrainState:
 
     def key(self, purpose: str) -> jax.Array:
         return jax.random.wrap_key_data(self.keys[purpose])
-
-
-def seed_keys(seed) -> dict:
-    """Per-purpose keys of one seed, each `fold_in(key(seed), purpose index)`."""
-    root = jax.random.key(seed)
-    return {p: jax.random.key_data(jax.random.fold_in(root, i)) for i, p in enumerate(PURPOSES)}
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
@@ -103,18 +97,25 @@ class StepFns:
         lr = self.schedule(t)
         params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
         params = masks.apply_mask(params, state.mask)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
         metrics = dict(zip(TRAIN_METRICS, (loss, jnp.mean(jnp.argmax(logits, -1) == y),
-                                           optax.tree.norm(grads))))
+                                           optax.tree.norm(grads), finite.astype(jnp.float32))))
         new_state = state.replace(step=t + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
         return new_state, metrics
 
-    def eval_sums(self, state: TrainState, x, y, weight, mean, std):
-        """(sum of weighted loss, sum of weighted correct) over one padded test batch."""
-        logits = self.model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                                  normalize(x, mean, std), train=False)
-        loss = cross_entropy(logits, y)
+
+
+def evaluation_sums(model, variables, data: dict) -> jax.Array:
+    """[weighted loss sum, weighted correct count] over padded batches
+    {x uint8 [nb, B, ...], y, w, mean, std} (see data.device.padded_batches), in one scan."""
+    def body(total, batch):
+        x, y, w = batch
+        logits = model.apply(variables, normalize(x, data["mean"], data["std"]), train=False)
         correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-        return jnp.stack([jnp.sum(weight * loss), jnp.sum(weight * correct)])
+        return total + jnp.stack([jnp.sum(w * cross_entropy(logits, y)), jnp.sum(w * correct)]), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros(2), (data["x"], data["y"], data["w"]))
+    return total
 
 
 def resolve_seed_parallel(choice: str) -> str:
@@ -155,6 +156,7 @@ class Trainer:
         if len(dataset.x_train) < tc.batch_size:
             raise UserError(f"{dataset.name} has {len(dataset.x_train)} training examples, fewer than "
                             f"one batch of {tc.batch_size}; lower --batch_size")
+        check_image_shape(self.model, config.model.name, dataset.image_shape)
         self.ignore = ignored_layers(config)
         self.steps_per_epoch = steps_per_epoch(len(dataset.x_train), tc.batch_size)
         self.total_steps = to_steps(tc.duration, self.steps_per_epoch)
@@ -165,7 +167,8 @@ class Trainer:
                            self.steps_per_epoch)
         arrays = arrays or TrainArrays(dataset.x_train, dataset.y_train, dataset.mean, dataset.std)
         self.arrays = sharding.put_replicated(arrays, self.mesh)
-        self.test = sharding.put_replicated(_padded_test_batches(dataset, tc.eval_batch_size), self.mesh)
+        test = padded_batches(dataset.x_test, dataset.y_test, tc.eval_batch_size)
+        self.test = sharding.put_replicated(test | {"mean": dataset.mean, "std": dataset.std}, self.mesh)
         # Built once: each jit object caches its trace (tracing the model costs ~0.5 s).
         self._init = jax.jit(jax.vmap(self.init_one), out_shardings=sharding.seed_sharding(self.mesh))
         self._zero_momentum = jax.jit(jax.vmap(self.tx.init))
@@ -177,7 +180,8 @@ class Trainer:
     @property
     def execution(self) -> dict:
         """How this trainer computes: what must match for a replay to reproduce a run's steps."""
-        out = {"backend": jax.default_backend(), "seed_parallel": self.parallel, "devices": self.mesh.size}
+        out = {"backend": jax.default_backend(), "seed_parallel": self.parallel, "devices": self.mesh.size,
+               "matmul_precision": self.config.model.matmul_precision}
         if layers.conv_impl() is not None:  # CPU: kernel gradients summed in chunks (another order)
             out["cpu_kernel_grad_chunk"] = cpu_conv.KERNEL_GRAD_CHUNK
         return out
@@ -218,6 +222,13 @@ class Trainer:
         return states.replace(opt_state=self._zero_momentum(states.params))
 
     # ----- compiled programs -----
+    def precise(self, fn: Callable) -> Callable:
+        """`fn` traced under the configured float32 matmul/convolution precision."""
+        def wrapped(*args):
+            with jax.default_matmul_precision(self.config.model.matmul_precision):
+                return fn(*args)
+        return wrapped
+
     def _compile_advance(self, observe: Callable | None = None):
         """The compiled chunk of STEPS_PER_CALL steps; `observe(state, refs) -> dict` (optional)
         adds per-step statistics of each seed's state after the step, given per-seed `refs`."""
@@ -235,7 +246,7 @@ class Trainer:
             known names and the observer alone: tracing the step twice costs ~0.4 s a program."""
             num_seeds = jax.tree.leaves(states)[0].shape[0]
             observed = jax.eval_shape(seeds_observe, states, refs)
-            return ({name: jnp.zeros(num_seeds, jnp.float32) for name in TRAIN_METRICS}
+            return ({name: jnp.full(num_seeds, name == "finite", jnp.float32) for name in TRAIN_METRICS}
                     | jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), observed))
 
         def advance(states, refs, arrays, start, end):
@@ -258,32 +269,33 @@ class Trainer:
             return states, metrics
 
         seeds, rep = P(sharding.SEED_AXIS), P()
-        sharded = jax.shard_map(advance, mesh=self.mesh, in_specs=(seeds, seeds, rep, rep, rep),
+        sharded = jax.shard_map(self.precise(advance), mesh=self.mesh, in_specs=(seeds, seeds, rep, rep, rep),
                                 out_specs=(seeds, P(None, sharding.SEED_AXIS)), check_vma=False)
         return jax.jit(sharded, donate_argnums=0)
 
     def _compile_evaluate(self):
-        fns = self.fns
+        model = self.model
 
         def one_seed(state, test):
-            def body(total, batch):
-                return total + fns.eval_sums(state, *batch, test["mean"], test["std"]), None
-            total, _ = jax.lax.scan(body, jnp.zeros(2), (test["x"], test["y"], test["w"]))
-            return total / test["count"]
+            variables = {"params": state.params, "batch_stats": state.batch_stats}
+            return evaluation_sums(model, variables, test) / test["count"]
 
         over = over_seeds(one_seed, self.parallel, 1)
         seeds, rep = P(sharding.SEED_AXIS), P()
-        return jax.jit(jax.shard_map(over, mesh=self.mesh, in_specs=(seeds, rep), out_specs=seeds,
+        return jax.jit(jax.shard_map(self.precise(over), mesh=self.mesh, in_specs=(seeds, rep), out_specs=seeds,
                                      check_vma=False))
 
     # ----- host-facing -----
     def advance(self, states: TrainState, end: int, on_chunk: Callable | None = None,
-                observe: Callable | None = None, refs=()) -> tuple[TrainState, dict]:
+                observe: Callable | None = None, refs=(), stop: Callable[[], bool] | None = None
+                ) -> tuple[TrainState, dict]:
         """Train from the states' step to `end`; returns states and per-step metrics {name: [T, S]}.
 
         The input states are consumed (their buffers are donated to the result).
-        `on_chunk(step, metrics)` is called after each compiled call (for progress lines);
-        `observe`/`refs` add per-step statistics (see `_compile_advance`); one program per observer.
+        `on_chunk(step, metrics)` is called after each compiled call (for progress lines and
+        divergence checks); `stop()` is asked after each call, and True ends training early (the
+        states then stand at an earlier step); `observe`/`refs` add per-step statistics (see
+        `_compile_advance`); one program per observer.
         """
         start = current_step(states)
         if end > self.total_steps:
@@ -295,34 +307,48 @@ class Trainer:
         while start < end:
             states, metrics = compiled(states, refs, self.arrays, jnp.int32(start), jnp.int32(end))
             count = min(STEPS_PER_CALL, end - start)
-            collected.append(jax.tree.map(lambda m: np.asarray(m)[:count], metrics))
+            collected.append(jax.tree.map(lambda m: sharding.to_host(m)[:count], metrics))
             start += count
             if on_chunk:
                 on_chunk(start, collected[-1])
+            if stop and start < end and stop():
+                break
         if not collected:
             return states, {}
         return states, jax.tree.map(lambda *ms: np.concatenate(ms), *collected)
 
     def evaluate(self, states: TrainState) -> dict[str, np.ndarray]:
         """Test loss and accuracy per seed, with the running BatchNorm statistics."""
-        out = np.asarray(self._evaluate(states, self.test))
+        out = sharding.to_host(self._evaluate(states, self.test))
         return {"test_loss": out[:, 0], "test_accuracy": out[:, 1]}
 
 
+def check_image_shape(model, name: str, image_shape) -> None:
+    """Refuse images the model cannot take: an error from its forward pass, or a layer whose
+    output would be empty (e.g. VGG's five poolings on 8x8 images), as one sentence."""
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    try:
+        program = jax.make_jaxpr(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+    except Exception as err:  # shape errors of any layer
+        raise UserError(f"{name} cannot take {'x'.join(map(str, image_shape))} images "
+                        f"({str(err).splitlines()[0][:200]}); use larger images or another --model") from None
+    if _has_empty_value(program.jaxpr):
+        raise UserError(f"{name} cannot take {'x'.join(map(str, image_shape))} images: a layer's output "
+                        "would be empty (too small for its poolings or strides); use larger images or "
+                        "another --model")
+
+
+def _has_empty_value(jaxpr) -> bool:
+    for eqn in jaxpr.eqns:
+        if any(0 in getattr(v.aval, "shape", (1,)) for v in eqn.outvars):
+            return True
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns") and _has_empty_value(inner):
+                return True
+    return False
+
+
 def current_step(states: TrainState) -> int:
-    """The step all seeds are at (they always advance together)."""
-    return int(np.asarray(jax.device_get(states.step)).reshape(-1)[0])
-
-
-def _padded_test_batches(dataset: Dataset, batch_size: int) -> dict:
-    """Test images as [num_batches, B, ...] with zero-weight padding, for one scan over the set."""
-    n = len(dataset.x_test)
-    batch_size = min(batch_size, n)
-    num_batches = -(-n // batch_size)
-    pad = num_batches * batch_size - n
-    x = np.concatenate([dataset.x_test, np.zeros((pad, *dataset.image_shape), np.uint8)])
-    y = np.concatenate([dataset.y_test, np.zeros(pad, np.int32)])
-    w = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    shape = lambda a: a.reshape(num_batches, batch_size, *a.shape[1:])
-    return {"x": shape(x), "y": shape(y), "w": shape(w), "count": np.float32(n),
-            "mean": dataset.mean, "std": dataset.std}
+    """The step all seeds are at (they always advance together), read from this process's rows."""
+    return int(np.asarray(states.step.addressable_shards[0].data).reshape(-1)[0])

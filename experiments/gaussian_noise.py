@@ -3,16 +3,16 @@ layer's init std (the paper's Fig. 6), then train the IMP subnetworks from step 
 
   python experiments/gaussian_noise.py --rewind_iter=500 --noise_scales=0.5,1,2,3
 """
-from early_jax import branches, cli
+from early_jax import cli
+from early_jax.perturb import Treatment
 
 
 def main(args):
-    treatments = [branches.Treatment("noise", n) for n in cli.numbers(args.noise_scales)]
-    branches.experiment_main(args, treatments, "gaussian_noise", "Gaussian noise at k")
+    treatments = [Treatment("noise", n) for n in cli.numbers(args.noise_scales)]
+    cli.perturbation_main(args, treatments, "Gaussian noise at k")
 
 
 if __name__ == "__main__":
-    p = cli.parser(__doc__)
-    branches.add_flags(p)
+    p = cli.perturbation_parser(__doc__)
     p.add_argument("--noise_scales", default="0.5,1,2,3", help="multipliers n of sigma_l")
     cli.main(main, p)

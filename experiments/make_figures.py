@@ -1,9 +1,7 @@
 """Regenerate a study's figures and report.md from its CSV tables, without training.
 
-  python experiments/make_figures.py --study_dir=runs/dense_..._seeds0-1/study
+  python experiments/make_figures.py --study_dir=runs/dense_..._seeds0-1/study_global_f0.6_<hash>
 """
-import argparse
-
 from early_jax import cli, report
 
 
@@ -12,7 +10,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--study_dir", required=True, help="the study folder (holds imp.csv, ...)")
-    p.add_argument("--distributed", action="store_true", help=argparse.SUPPRESS)
     cli.main(main, p)

@@ -11,38 +11,38 @@ rewind-to-k references; accuracy vs sparsity per pre-training length).
 """
 import os
 
-from early_jax import cli, data, pipeline, pretrain, report
-from early_jax.config import to_steps
-from early_jax.train import Trainer
+from early_jax import cli, data, pipeline, plans, pretrain, report, runs, tables
+
+NOT_READ = {"rewind_iters": "--rewind_iter (the supervised reference k)"}
 
 
 def main(args):
-    config = cli.cfg.config_from_args(args)
-    trainer = Trainer(config, data.load(config.data.name, config.data.data_dir))
+    config = cli.config_from_args(args)
+    exp = pipeline.Experiment(config, data.load(config.data.name, config.data.data_dir))
     task = pretrain.parse_task(args.task, label_fraction=args.label_fraction, blur_factor=args.blur_factor,
                                rotation=args.rotation, rotate_first=args.rotate_first,
                                subset_fraction=args.subset_fraction)
-    pretrain.check_task(task, trainer.dataset, config.train.batch_size)
+    pretrain.check_task(task, exp.dataset, config.train.batch_size)
     epochs = cli.numbers(args.pretrain_epochs, int)
     for e in epochs:
-        pretrain.start_step(trainer, e, args.offset)  # refuses impossible lengths before training
-    rewind = to_steps(args.rewind_iter, trainer.steps_per_epoch)
-    pipeline.check_rewind_steps(trainer, [0, rewind])
+        pretrain.start_step(exp, e, args.offset)  # refuses impossible lengths before training
+    rewind = exp.steps(args.rewind_iter)
+    pipeline.check_rewind_steps(exp, [0, rewind])
     levels = config.prune.levels
     reference_levels = max(levels, args.sparse_level)  # the references reach the sparse level
-    print(f"pre-training task {task.name} for {epochs} epoch(s), then IMP with {levels} levels; "
-          f"{config.num_seeds} seed(s); references: IMP rewound to 0 and to {rewind}")
-    references = {f"IMP, rewind to {k}": pipeline.imp(trainer, [k], reference_levels) for k in sorted({0, rewind})}
+    plans.print_plan(f"pre-training {task.name} for {epochs} epoch(s), then "
+                     + (f"the level-{args.sparse_level} subnetwork" if args.sparse_level else f"IMP ({levels} levels)"),
+                     _pieces(exp, task, epochs, args, rewind, reference_levels), exp, plans.measure(exp))
+    references = {f"IMP, rewind to {k}": pipeline.imp(exp, [k], reference_levels) for k in sorted({0, rewind})}
     rows = []
     for e in epochs:
         if args.sparse_level:
-            rows += pretrain.sparse_pretrain(trainer, task, e, args.sparse_level, rewind, args.offset)
+            rows += pretrain.sparse_pretrain(exp, task, e, args.sparse_level, rewind, args.offset)
         else:
-            rows += pretrain.pretrain_imp(trainer, task, e, levels, args.offset)
-    _, _, dense = pipeline.train_dense(trainer)
-    out = os.path.join(dense.path, "pretrain", f"{task.name}_{args.offset}"
+            rows += pretrain.pretrain_imp(exp, task, e, levels, args.offset)
+    out = os.path.join(exp.path(exp.dense), "pretrain", f"{task.name}_{args.offset}"
                        + (f"_sparse{args.sparse_level}" if args.sparse_level else ""))
-    report.write_csv(rows, os.path.join(out, "results.csv"))
+    tables.write_csv(rows, os.path.join(out, "results.csv"))
     shown = [args.sparse_level] if args.sparse_level else sorted({min(levels, 1), levels} - {0}) or [0]
     report.plot_vs_pretraining(rows, references, shown, os.path.join(out, "pretrain_vs_epochs.png"),
                                f"pre-training: {task.name}, {config.model.name}")
@@ -52,16 +52,28 @@ def main(args):
                       if r["level"] <= levels]  # the supervised IMP curves alongside
         report.plot_accuracy_vs_remaining(by_epochs, "curve", os.path.join(out, "pretrain_curves.png"),
                                           f"IMP after pre-training on {task.name}")
+    cells = tables.summarize(rows, ("pretrain_epochs", "level"), "accuracy")
     for e in epochs:
-        cells = [r for r in rows if r["pretrain_epochs"] == e]
-        print(f"{e} epoch(s): " + ", ".join(
-            f"level {lv}: {100 * sum(r['accuracy'] for r in cells if r['level'] == lv) / max(1, sum(r['level'] == lv for r in cells)):.2f}%"
-            for lv in sorted({r["level"] for r in cells})))
+        print(f"{e} epoch(s): " + ", ".join(f"level {lv}: {s.text()}%" for (ep, lv), s in cells.items() if ep == e))
     print(f"results: {out}/results.csv, pretrain_vs_epochs.png")
 
 
+def _pieces(exp, task, epochs, args, rewind, reference_levels) -> list:
+    pieces = plans.dense_and_imp(exp, {0, rewind}, reference_levels)
+    for e in epochs:
+        sparse = exp.level(rewind, args.sparse_level) if args.sparse_level else None
+        pre = runs.Pretraining(exp.dense, task, e, sparse)
+        start = pretrain.start_step(exp, e, args.offset)
+        pieces.append(plans.Piece(f"pre-training {e}ep", pre, len(exp.seeds), 0, e * exp.steps_per_epoch))
+        for level in [0] if sparse else range(exp.config.prune.levels + 1):
+            after = runs.AfterPretraining(pre, args.offset, exp.prune if level else None, level)
+            pieces.append(plans.Piece(f"  then level {args.sparse_level or level}", after, len(exp.seeds),
+                                      start, exp.total_steps))
+    return pieces
+
+
 if __name__ == "__main__":
-    p = cli.parser(__doc__)
+    p = cli.parser(__doc__, NOT_READ)
     p.add_argument("--task", default="blur", help="random_labels, blur, rotation, subset, or a '+' combination")
     p.add_argument("--pretrain_epochs", default="1,2,4", help="comma-separated pre-training lengths")
     p.add_argument("--offset", default="replace", choices=pretrain.OFFSETS,

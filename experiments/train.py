@@ -3,25 +3,23 @@
   python experiments/train.py                          # the offline CPU preset (Fashion-MNIST)
   python experiments/train.py --preset=cifar10_resnet20 --num_seeds=8 --workdir=/tmp/runs
 """
-import numpy as np
+from early_jax import cli, data, pipeline, plans, tables
 
-from early_jax import cli, data, pipeline
-from early_jax.train import Trainer
+NOT_READ = {name: "experiments/imp.py (pruning)" for name in ("fraction", "scope", "levels", "rewind_iters")}
 
 
 def main(args):
-    config = cli.cfg.config_from_args(args)
-    dataset = data.load(config.data.name, config.data.data_dir)
-    trainer = Trainer(config, dataset)
-    print(f"dense {config.model.name} on {dataset.name}: {config.num_seeds} seed(s), "
-          f"{trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), seeds run by {trainer.parallel}")
-    _, result, run_dir = pipeline.train_dense(trainer)
-    accuracy = 100 * np.asarray(result["test_accuracy"])
-    for seed, acc in zip(result["seeds"], accuracy):
-        print(f"  seed {seed}: test accuracy {acc:.2f}%")
-    print(f"mean {accuracy.mean():.2f}% +- {accuracy.std():.2f} over {len(accuracy)} seed(s); "
-          f"results in {run_dir.path}")
+    config = cli.config_from_args(args)
+    exp = pipeline.Experiment(config, data.load(config.data.name, config.data.data_dir))
+    plans.print_plan("dense training", plans.dense_and_imp(exp, [], 0), exp, plans.measure(exp))
+    result = pipeline.train_dense(exp).result
+    rows = pipeline.result_rows(result, level=0)
+    for row in rows:
+        print(f"  seed {row['seed']}: test accuracy {100 * row['accuracy']:.2f}%"
+              + (" (diverged)" if row["diverged"] else ""))
+    print(f"mean {tables.stat([r['accuracy'] for r in tables.finite_rows(rows)]).text()}% over "
+          f"{len(tables.finite_rows(rows))} seed(s); results in {exp.path(exp.dense)}")
 
 
 if __name__ == "__main__":
-    cli.main(main, cli.parser(__doc__))
+    cli.main(main, cli.parser(__doc__, NOT_READ))

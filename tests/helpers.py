@@ -1,8 +1,9 @@
 """Tiny configurations shared by the tests: small enough that each program compiles in seconds."""
 import dataclasses
+from typing import ClassVar
 
 from early_jax import config as cfg
-from early_jax import data
+from early_jax import data, runs
 
 TINY_DATA = data.synthetic(num_train=96, num_test=40, shape=(8, 8, 1), num_classes=4, seed=0)
 
@@ -22,3 +23,15 @@ def tiny_config(**overrides) -> cfg.Config:
 
 def with_workdir(config: cfg.Config, path) -> cfg.Config:
     return dataclasses.replace(config, workdir=str(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyRun(runs.Run):
+    """A run descriptor for tests of the runner: a folder name and the seed of each row."""
+
+    kind: ClassVar[str] = "test"
+    name: str
+    seeds: tuple = (0, 1)
+
+    def folder(self) -> str:
+        return self.name

@@ -34,7 +34,7 @@ def test_flags_override_fields():
 
 
 @pytest.mark.parametrize("flags,match", [({"nope": "1"}, "unknown flag --nope"),
-                                         ({"lr": "fast"}, "--lr takes a float"),
+                                         ({"lr": "fast"}, "--lr takes a number"),
                                          ({"augment": "maybe"}, "true or false")])
 def test_bad_flags_are_one_clear_error(flags, match):
     with pytest.raises(UserError, match=match):
@@ -46,9 +46,21 @@ def test_bad_flags_are_one_clear_error(flags, match):
                                          ({"duration": "10 epochs"}, "duration"),
                                          ({"scope": "local"}, "scope"),
                                          ({"eval_batch_size": "0"}, "eval_batch_size"),
-                                         ({"lr": "-0.1"}, "lr > 0"),
-                                         ({"lr": "nan"}, "lr > 0"),
-                                         ({"levels": "-1"}, "levels >= 0")])
+                                         ({"lr": "-0.1"}, "lr must be finite and > 0"),
+                                         ({"lr": "nan"}, "lr must be finite"),
+                                         ({"lr": "inf"}, "lr must be finite"),
+                                         ({"momentum": "nan"}, "momentum must be finite"),
+                                         ({"momentum": "1"}, r"momentum must be finite and in \[0, 1\)"),
+                                         ({"weight_decay": "-1e-4"}, "weight_decay must be finite and >= 0"),
+                                         ({"gamma": "0"}, "gamma"),
+                                         ({"fraction": "1"}, "fraction"),
+                                         ({"duration": "0ep"}, "trains nothing"),
+                                         ({"eval_every": "0it"}, "eval_every"),
+                                         ({"seed": "-1"}, "seed must be >= 0"),
+                                         ({"seed_parallel": "pmap"}, "seed_parallel must be one of"),
+                                         ({"on_divergence": "ignore"}, "on_divergence must be one of"),
+                                         ({"matmul_precision": "low"}, "matmul_precision must be one of"),
+                                         ({"levels": "-1"}, "levels must be >= 0")])
 def test_validation_catches_bad_settings_before_work(flags, match):
     with pytest.raises(UserError, match=match):
         cfg.validate(cfg.override(cfg.PRESETS["fashion_cpu"], flags))
@@ -75,3 +87,38 @@ def test_a_dataset_smaller_than_a_batch_is_refused():
     from helpers import TINY_DATA, tiny_config
     with pytest.raises(UserError, match="fewer than one batch"):
         Trainer(tiny_config(batch_size=200), TINY_DATA)
+
+
+def test_flags_are_typed_by_the_fields_annotation_not_the_presets_value():
+    # the CPU preset holds weight decay 1e-4 but a float field takes an int literal, and vice versa
+    zero = cfg.override(cfg.PRESETS["fashion_cpu"], {"weight_decay": "0"})
+    assert zero.train.weight_decay == 0.0 and isinstance(zero.train.weight_decay, float)
+    again = cfg.override(zero, {"weight_decay": "1e-4"})
+    assert again.train.weight_decay == 1e-4
+    assert cfg.override(zero, {"num_seeds": "3"}).num_seeds == 3
+    with pytest.raises(UserError, match="--num_seeds takes an integer"):
+        cfg.override(zero, {"num_seeds": "2.5"})
+    # optional fields: 'none' is None; a str field keeps the text 'none' as a name
+    assert cfg.override(cfg.PRESETS["fashion_cpu"], {"data_dir": "none"}).data.data_dir is None
+    assert cfg.override(cfg.PRESETS["fashion_cpu"], {"data_dir": "/x"}).data.data_dir == "/x"
+    assert cfg.override(cfg.PRESETS["fashion_cpu"], {"save_steps": "0it,5it"}).train.save_steps == ("0it", "5it")
+
+
+def test_schedule_checks_need_the_steps_per_epoch():
+    config = cfg.override(cfg.PRESETS["fashion_cpu"], {"duration": "2ep", "milestones": "1ep"})
+    cfg.check_schedule(config, 100)
+    with pytest.raises(UserError, match="warmup=300it .* longer than the run"):
+        cfg.check_schedule(cfg.override(config, {"warmup": "300it"}), 100)
+    with pytest.raises(UserError, match="milestones 5ep lie after the end"):
+        cfg.check_schedule(cfg.override(config, {"milestones": "1ep,5ep"}), 100)
+
+
+def test_flag_prefixes_are_not_accepted_and_errors_are_one_line(capsys):
+    from early_jax import cli
+    p = cli.parser("test")
+    with pytest.raises(SystemExit) as exit_:
+        p.parse_args(["--num_seed=2"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unrecognized arguments: --num_seed=2") and "--num_seeds" in err
+    assert len(err.splitlines()) == 1

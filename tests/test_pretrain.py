@@ -5,16 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from early_jax import masks, pipeline, pretrain
+from early_jax import checkpoint, masks, pipeline, pretrain, runs
 from early_jax.data import device as dev
 from early_jax.errors import UserError
-from early_jax.train import Trainer, current_step
+from early_jax.pipeline import Experiment
+from early_jax.train import current_step
 from helpers import TINY_DATA, tiny_config, with_workdir
 
 
 @pytest.fixture(scope="module")
 def main(tmp_path_factory):
-    return Trainer(with_workdir(tiny_config(), tmp_path_factory.mktemp("pre")), TINY_DATA)
+    return Experiment(with_workdir(tiny_config(), tmp_path_factory.mktemp("pre")), TINY_DATA)
 
 
 def test_task_names_parse_and_bad_names_are_refused():
@@ -114,12 +115,12 @@ def test_head_swap_keeps_everything_else_and_reinitialises_the_head(main):
         np.testing.assert_array_equal(a, b)
     # a fresh draw for the real task (here also 4 classes, so the shape alone could not tell):
     # neither the trained rotation head nor the dense run's initial head
-    fresh = jax.vmap(lambda s: pretrain.fresh_head(main, s))(jnp.arange(2))
+    fresh = jax.vmap(lambda s: pretrain.fresh_head(main.trainer, s))(jnp.arange(2))
     for a, b in zip(jax.tree.leaves(start.params["head"]), jax.tree.leaves(fresh)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # compiled apart: ulp differences
     head = start.params["head"]["kernel"]
     assert not np.allclose(head, pre.params["head"]["kernel"])
-    assert not np.allclose(head, main.init([0, 1]).params["head"]["kernel"])
+    assert not np.allclose(head, main.trainer.init([0, 1]).params["head"]["kernel"])
     assert all(float(jnp.abs(t).max()) == 0 for t in jax.tree.leaves(start.opt_state))
 
 
@@ -129,46 +130,47 @@ def test_main_run_starts_at_the_chosen_schedule_offset(main, monkeypatch):
     with pytest.raises(UserError, match="replace the whole"):
         pretrain.start_step(main, 4, "replace")
     pipeline.train_dense(main)
-    starts, first_params, real = [], [], main.advance
+    starts, first_params, real = [], [], main.trainer.advance
 
-    def advance(states, end, on_chunk=None):
+    def advance(states, end, on_chunk=None, stop=None):
         starts.append(current_step(states))
         if not first_params:
             first_params.append(jax.tree.map(np.array, states.params))
         return real(states, end, on_chunk)
 
-    monkeypatch.setattr(main, "advance", advance)
+    monkeypatch.setattr(main.trainer, "advance", advance)
     task = pretrain.parse_task("blur")
     rows = pretrain.pretrain_imp(main, task, 1, levels=1)
     assert starts[0] == 6 and 0 not in starts  # level 0 and level 1 both go on from step 6
     assert {r["level"] for r in rows} == {0, 1} and {r["task"] for r in rows} == {"blur4"}
     # ...from the pre-trained weights (not the dense run's step-6 weights)
-    root = pretrain.study_dir(main, pipeline.dense_run_dir(main), task, 1, "replace")
     pre_trainer = pretrain.pretrain_trainer(main, task, 1)
-    pre = pipeline.RunDir(f"{root}/pretrain").restore(pre_trainer.total_steps, pre_trainer.abstract_state(2))
-    dense_at_6 = pipeline.state_at(main, pipeline.dense_run_dir(main), 6)
+    pre = main.run_dir(runs.Pretraining(main.dense, task, 1)).restore(pre_trainer.total_steps,
+                                                                      pre_trainer.abstract_state(2))
+    dense_at_6 = pipeline.state_at(main, 6)
     for started, trained, dense in zip(*map(jax.tree.leaves, (first_params[0], pre.params, dense_at_6.params))):
         np.testing.assert_array_equal(started, trained)
         assert not np.array_equal(started, dense)
     starts.clear()
     pretrain.pretrain_imp(main, pretrain.parse_task("blur"), 1, levels=1, offset="none")
-    assert starts[0] == 0
+    assert starts[0] == 0  # the pre-training is shared by both offsets: only the main runs train
+    monkeypatch.setattr(checkpoint.Checkpoints, "restore", lambda *a, **k: pytest.fail("found, not restored"))
+    assert pretrain.pretrain_imp(main, task, 1, levels=1) == rows
 
 
 def test_sparse_pretraining_keeps_pruned_weights_at_zero(main):
     rows = pretrain.sparse_pretrain(main, pretrain.parse_task("rotation"), 1, level=1, rewind=3)
     assert {r["level"] for r in rows} == {1} and all(r["density"] < 0.85 for r in rows)
-    dense = pipeline.dense_run_dir(main)
-    root = pretrain.study_dir(main, dense, pretrain.parse_task("rotation"), 1, "replace",
-                              f"_sparse_{pipeline.imp_name(main.config)}_level1_k3")
-    pre_trainer = pretrain.pretrain_trainer(main, pretrain.parse_task("rotation"), 1)
-    pre = pipeline.RunDir(f"{root}/pretrain").restore(pre_trainer.total_steps, pre_trainer.abstract_state(2))
+    task = pretrain.parse_task("rotation")
+    descriptor = runs.Pretraining(main.dense, task, 1, sparse=main.level(3, 1))
+    pre_trainer = pretrain.pretrain_trainer(main, task, 1)
+    pre = main.run_dir(descriptor).restore(pre_trainer.total_steps, pre_trainer.abstract_state(2))
     body_mask = {k: v for k, v in pre.mask.items() if k != "head"}
     for kernel, kept in masks.masked_kernels({k: pre.params[k] for k in body_mask}, body_mask).values():
         assert np.all(np.asarray(kernel)[~np.asarray(kept)] == 0) and not np.all(np.asarray(kept))
     # the subnetwork is IMP level 1's (rewound to 3), and the real-task run after it keeps it pruned
-    level = pipeline.level_dir(main, dense, 3, 1).restore(main.total_steps, main.abstract_state(2))
-    after = pipeline.RunDir(f"{root}/main").restore(main.total_steps, main.abstract_state(2))
+    level = pipeline.final_states(main, main.level(3, 1))
+    after = pipeline.final_states(main, runs.AfterPretraining(descriptor, "replace"))
     for name in body_mask:
         for a, b in zip(jax.tree.leaves(pre.mask[name]), jax.tree.leaves(level.mask[name])):
             np.testing.assert_array_equal(a, b)

@@ -3,10 +3,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from early_jax import masks, pipeline, telemetry
+from early_jax import checkpoint, masks, pipeline, tables, telemetry
 from early_jax.data.device import epoch_permutation, train_batch
 from early_jax.errors import UserError
-from early_jax.train import Trainer, current_step
+from early_jax.pipeline import Experiment
+from early_jax.train import current_step
 from helpers import TINY_DATA, tiny_config, with_workdir
 
 
@@ -47,14 +48,15 @@ def test_global_statistics_pool_layers_by_weight_count(rng):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    trainer = Trainer(with_workdir(tiny_config(), tmp_path_factory.mktemp("tel")), TINY_DATA)
-    final, _, dense = pipeline.train_dense(trainer)
-    return trainer, final, dense
+    exp = Experiment(with_workdir(tiny_config(), tmp_path_factory.mktemp("tel")), TINY_DATA)
+    final = pipeline.train_dense(exp).states()
+    return exp, final, exp.run_dir(exp.dense)
 
 
 def test_replay_reproduces_the_runs_early_weights_exactly(trained):
-    trainer, final, dense = trained
-    start = pipeline.state_at(trainer, dense, 0)
+    exp, final, dense = trained
+    trainer = exp.trainer
+    start = pipeline.state_at(exp, 0)
     refs = jax.jit(jax.vmap(telemetry.make_refs))(start.params, final.params, start.mask, None,
                                                    telemetry.sample_keys(start))
     replayed, per_step = telemetry.replay(trainer, start, refs, 6)
@@ -66,23 +68,25 @@ def test_replay_reproduces_the_runs_early_weights_exactly(trained):
 
 
 def test_a_replay_that_drifts_from_the_runs_checkpoints_is_refused(trained):
-    trainer, final, dense = trained
-    start = pipeline.state_at(trainer, dense, 0)
+    exp, final, dense = trained
+    trainer = exp.trainer
+    start = pipeline.state_at(exp, 0)
     refs = jax.jit(jax.vmap(telemetry.make_refs))(start.params, final.params, start.mask, None,
                                                    telemetry.sample_keys(start))
     saved_3 = dense.restore(3, trainer.abstract_state(2)).params
     nudged = jax.tree.map(lambda w: w * 1.01, saved_3)
-    telemetry.replay(trainer, pipeline.state_at(trainer, dense, 0), refs, 4, saved={3: lambda: saved_3})
+    telemetry.replay(trainer, pipeline.state_at(exp, 0), refs, 4, saved={3: lambda: saved_3})
     with pytest.raises(UserError, match="does not reproduce its checkpoint at step 3"):
         telemetry.replay(trainer, start, refs, 4, saved={3: lambda: nudged})
 
 
 def test_in_scan_statistics_equal_step_by_step_statistics(trained):
-    trainer, final, dense = trained
-    start = pipeline.state_at(trainer, dense, 0)
+    exp, final, dense = trained
+    trainer = exp.trainer
+    start = pipeline.state_at(exp, 0)
     refs = jax.jit(jax.vmap(telemetry.make_refs))(start.params, final.params, start.mask, None,
                                                    telemetry.sample_keys(start))
-    _, per_step = telemetry.replay(trainer, pipeline.state_at(trainer, dense, 0), refs, 4)
+    _, per_step = telemetry.replay(trainer, pipeline.state_at(exp, 0), refs, 4)
     states = start
     observe = jax.jit(jax.vmap(telemetry.observe))
     observed = [k for k in per_step if k.startswith(("all_", "sub_", "layer_")) or k == "samples"]
@@ -101,8 +105,9 @@ def test_in_scan_statistics_equal_step_by_step_statistics(trained):
 def test_gradient_norm_is_the_norm_of_the_minibatch_loss_gradient(trained):
     """The step's grad_norm: the loss gradient alone (before weight decay and momentum), on the
     batch that step trains on."""
-    trainer, _, dense = trained
-    start = pipeline.state_at(trainer, dense, 0)
+    exp, _, dense = trained
+    trainer = exp.trainer
+    start = pipeline.state_at(exp, 0)
     one = jax.tree.map(lambda x: jnp.array(x[0]), start)
     _, metrics = trainer.advance(start, 1)
     perm = epoch_permutation(one.key("order"), 0, len(trainer.dataset.x_train))
@@ -113,13 +118,14 @@ def test_gradient_norm_is_the_norm_of_the_minibatch_loss_gradient(trained):
     assert float(metrics["grad_norm"][0, 0]) == pytest.approx(expected, rel=1e-4)
 
 
-def test_run_telemetry_writes_tables_and_figure_with_a_subnetwork(trained):
-    trainer, _, _ = trained
-    out = telemetry.run_telemetry(trainer, 8, level=1, rewind=3)
-    from early_jax import report
-    rows = report.read_csv(f"{out}/telemetry.csv")
+def test_run_telemetry_writes_tables_and_figure_with_a_subnetwork(trained, monkeypatch):
+    exp, _, _ = trained
+    out = telemetry.run_telemetry(exp, 8, level=1, rewind=3)
+    rows = tables.read_csv(f"{out}/telemetry.csv")
     assert {r["step"] for r in rows} == set(range(9)) and {r["seed"] for r in rows} == {0, 1}
     # the subnetwork keeps fewer weights than all, so its statistics differ
     assert any(r["sub_mean_abs"] != r["all_mean_abs"] for r in rows)
-    layers = report.read_csv(f"{out}/telemetry_layers.csv")
+    layers = tables.read_csv(f"{out}/telemetry_layers.csv")
     assert {r["layer"] for r in layers} == {"conv0/kernel", "conv1/kernel", "fc/kernel", "head/kernel"}
+    monkeypatch.setattr(checkpoint.Checkpoints, "restore", lambda *a, **k: pytest.fail("found, not restored"))
+    assert telemetry.run_telemetry(exp, 8, level=1, rewind=3) == out

@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from early_jax import masks, runner, sharding
+from early_jax import files, masks, runner, sharding
 from early_jax.checkpoint import Checkpoints
 from early_jax.config import TrainConfig
 from early_jax.errors import UserError
 from early_jax.train import Trainer, current_step, make_schedule
-from helpers import TINY_DATA, tiny_config
+from helpers import TINY_DATA, TinyRun, tiny_config
 
 
 def assert_trees_equal(a, b, atol=0.0):
@@ -81,35 +81,64 @@ def test_pruned_weights_stay_exactly_zero_and_training_learns(trainer):
 
 def test_checkpoint_round_trip_of_the_full_state(trainer, tmp_path):
     states, _ = trainer.advance(trainer.init([0, 1]), 4)
-    store = Checkpoints(str(tmp_path / "ck"))
+    store = Checkpoints(str(tmp_path / "ck"), writable=True)
     store.save(4, states)
-    restored = store.restore(4, trainer.abstract_state(2))
+    restored = Checkpoints(str(tmp_path / "ck")).restore(4, trainer.abstract_state(2))
     assert_trees_equal(states, restored)
     assert current_step(restored) == 4 and restored.opt_state[1].trace  # momentum buffers came back
 
 
 def test_mismatched_checkpoint_names_the_folder_and_step(trainer, tmp_path):
-    store = Checkpoints(str(tmp_path / "ck"))
+    store = Checkpoints(str(tmp_path / "ck"), writable=True)
     store.save(0, trainer.init([0, 1]))
-    with pytest.raises(UserError, match=r"ck/0 \(step 0\)"):
+    with pytest.raises(UserError, match=r"ck/checkpoints/0 \(step 0\)"):
         store.restore(0, trainer.abstract_state(4))
     other = Trainer(tiny_config(model="lenet300_100"), TINY_DATA)
-    with pytest.raises(UserError, match="different configuration or is corrupt"):
+    with pytest.raises(UserError, match="different configuration or is damaged"):
         store.restore(0, other.abstract_state(2))
     with pytest.raises(UserError, match="no checkpoint for step 7"):
         store.restore(7, trainer.abstract_state(2))
 
 
 def test_corrupt_checkpoint_is_a_clear_error(trainer, tmp_path):
-    store = Checkpoints(str(tmp_path / "ck"))
+    store = Checkpoints(str(tmp_path / "ck"), writable=True)
     store.save(3, trainer.advance(trainer.init([0, 1]), 3)[0])
-    for root, _, files in os.walk(tmp_path / "ck" / "3"):
-        for name in files:
+    for root, _, names in os.walk(tmp_path / "ck" / "checkpoints" / "3"):
+        for name in names:
             if "manifest" in name or name.startswith(("_", "d")):
                 with open(os.path.join(root, name), "wb") as f:
                     f.write(b"garbage")
     with pytest.raises(UserError, match="step 3"):
         Checkpoints(str(tmp_path / "ck")).restore(3, trainer.abstract_state(2))
+
+
+def test_a_checkpoint_whose_arrays_changed_fails_its_checksum(trainer, tmp_path):
+    import shutil
+    states = trainer.advance(trainer.init([0, 1]), 3)[0]
+    Checkpoints(str(tmp_path / "ck"), writable=True).save(3, states)
+    # damage Orbax cannot see: valid files holding other numbers (one weight moved by one ulp)
+    kernel = states.params["fc"]["kernel"]
+    changed = states.replace(params={**states.params, "fc": {**states.params["fc"],
+                                     "kernel": kernel.at[1, 0, 0].set(jnp.nextafter(kernel[1, 0, 0], 9.0))}})
+    Checkpoints(str(tmp_path / "other"), writable=True).save(3, changed)
+    shutil.rmtree(tmp_path / "ck" / "checkpoints" / "3")
+    shutil.copytree(tmp_path / "other" / "checkpoints" / "3", tmp_path / "ck" / "checkpoints" / "3")
+    with pytest.raises(UserError, match=r"step 3\) is damaged: 1 array\(s\) differ from their checksums \(params/fc/kernel\)"):
+        Checkpoints(str(tmp_path / "ck")).restore(3, trainer.abstract_state(2))
+
+
+def test_non_finite_weights_in_a_checkpoint_are_refused_and_old_ones_load_unverified(trainer, tmp_path, capsys):
+    states = trainer.init([0, 1])
+    bad = states.replace(params=jax.tree.map(lambda x: x * jnp.nan, states.params))
+    store = Checkpoints(str(tmp_path / "ck"), writable=True)
+    store.save(0, bad)
+    with pytest.raises(UserError, match="holds non-finite parameters"):
+        store.restore(0, trainer.abstract_state(2))
+    store.save(1, states.replace(step=states.step + 1))
+    os.remove(tmp_path / "ck" / "checksums" / "1.json")  # as a checkpoint of an earlier version
+    restored = Checkpoints(str(tmp_path / "ck")).restore(1, trainer.abstract_state(2))
+    assert_trees_equal(states.params, restored.params)
+    assert "carry no checksums" in capsys.readouterr().err
 
 
 def test_training_past_the_end_is_refused(trainer):
@@ -124,10 +153,9 @@ def test_seed_count_must_divide_over_devices():
 
 
 def test_kill_and_resume_gives_the_uninterrupted_result(trainer, tmp_path):
-    description = {"kind": "test", "seeds": [0, 1]}
-    end = trainer.total_steps
-    whole, result = runner.run(trainer, runner.RunDir(str(tmp_path / "a")), description=description,
-                               initial=lambda: trainer.init([0, 1]), end=end, save_steps=[3])
+    go = lambda name, initial, **kw: runner.run(trainer, TinyRun(name, **kw), workdir=str(tmp_path),
+                                                initial=initial, save_steps=[3])
+    whole = go("a", lambda: trainer.init([0, 1]))
 
     class Killed(Exception):
         pass
@@ -141,28 +169,24 @@ def test_kill_and_resume_gives_the_uninterrupted_result(trainer, tmp_path):
     run_dir = runner.RunDir(str(tmp_path / "b"))
     real_advance = trainer.advance
     try:
-        trainer.advance = lambda states, stop, on_chunk=None: real_advance(states, stop, killed_after(14))
+        trainer.advance = lambda states, end, on_chunk=None, stop=None: real_advance(states, end, killed_after(14))
         with pytest.raises(Killed):
-            runner.run(trainer, run_dir, description=description, initial=lambda: trainer.init([0, 1]),
-                       end=end, save_steps=[3])
+            go("b", lambda: trainer.init([0, 1]))
     finally:
         trainer.advance = real_advance
     assert run_dir.latest_step() == 12 and not run_dir.complete()
-    resumed, resumed_result = runner.run(trainer, runner.RunDir(str(tmp_path / "b")),
-                                         description=description,
-                                         initial=lambda: pytest.fail("must resume, not restart"),
-                                         end=end, save_steps=[3])
-    assert_trees_equal(whole, resumed)
-    assert resumed_result["test_accuracy"] == result["test_accuracy"]
-    lines = [l["step"] for l in runner.prog.read_jsonl(os.path.join(run_dir.path, "metrics.jsonl"))]
+    resumed = go("b", lambda: pytest.fail("must resume, not restart"))
+    assert_trees_equal(whole.states(), resumed.states())
+    assert resumed.result["test_accuracy"] == whole.result["test_accuracy"]
+    lines = [l["step"] for l in files.read_jsonl(os.path.join(run_dir.path, "metrics.jsonl"))]
     assert lines == [12, 24]
-    # a finished run is loaded, not retrained
-    again, _ = runner.run(trainer, run_dir, description=description,
-                          initial=lambda: pytest.fail("must load"), end=end, save_steps=[3])
-    assert_trees_equal(whole, again)
+    assert runner.RunDir(str(tmp_path / "b")).checkpoints().steps() == [3, 24]  # the resume point is gone
+    # a finished run is found from its JSON, not retrained; its states load on demand
+    again = go("b", lambda: pytest.fail("must load"))
+    assert again.result == resumed.result
+    assert_trees_equal(whole.states(), again.states())
     with pytest.raises(UserError, match="holds a different run"):
-        runner.run(trainer, run_dir, description={"kind": "other", "seeds": [0, 1]},
-                   initial=lambda: None, end=end)
+        go("b", lambda: None, seeds=(0, 2))
 
 
 def test_a_kill_right_after_saving_an_evaluated_step_keeps_its_metrics_line(trainer, tmp_path, monkeypatch):
@@ -178,26 +202,25 @@ def test_a_kill_right_after_saving_an_evaluated_step_keeps_its_metrics_line(trai
         if step == 12:
             raise Killed
 
-    run_dir, description = runner.RunDir(str(tmp_path / "r")), {"kind": "test", "seeds": [0, 1]}
-    go = lambda initial: runner.run(trainer, run_dir, description=description, initial=initial,
-                                    end=trainer.total_steps, save_steps=[12])
+    go = lambda initial: runner.run(trainer, TinyRun("r"), workdir=str(tmp_path), initial=initial,
+                                    save_steps=[12])
     monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_die)
     with pytest.raises(Killed):
         go(lambda: trainer.init([0, 1]))
     monkeypatch.setattr(checkpoint.Checkpoints, "save", real_save)
     go(lambda: pytest.fail("must resume"))
-    lines = runner.prog.read_jsonl(os.path.join(run_dir.path, "metrics.jsonl"))
+    lines = files.read_jsonl(str(tmp_path / "r" / "metrics.jsonl"))
     assert [line["step"] for line in lines] == [12, 24] and [l["train_steps"] for l in lines] == [12, 12]
 
 
 def test_a_run_dir_trains_in_one_process_at_a_time(trainer, tmp_path):
     import fcntl
-    run_dir = runner.RunDir(str(tmp_path / "locked"))
-    with open(run_dir.file(".lock"), "w") as held:
+    (tmp_path / "locked").mkdir()
+    with open(tmp_path / "locked" / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as another process training it would
         with pytest.raises(UserError, match="another process is training"):
-            runner.run(trainer, run_dir, description={"kind": "test", "seeds": [0, 1]},
-                       initial=lambda: pytest.fail("must not start"), end=trainer.total_steps)
+            runner.run(trainer, TinyRun("locked"), workdir=str(tmp_path),
+                       initial=lambda: pytest.fail("must not start"))
 
 
 def test_restoring_a_seed_count_the_devices_cannot_split_is_a_clear_error(trainer, monkeypatch):
@@ -209,7 +232,7 @@ def test_restoring_a_seed_count_the_devices_cannot_split_is_a_clear_error(traine
 FOUR_DEVICES = textwrap.dedent("""
     import sys, numpy as np, jax
     sys.path.insert(0, sys.argv[1])
-    from helpers import TINY_DATA, tiny_config
+    from helpers import TINY_DATA, TinyRun, tiny_config
     from early_jax import sharding
     from early_jax.train import Trainer
     assert len(jax.devices()) == 4
@@ -236,4 +259,4 @@ def test_four_device_run_equals_one_device_run():
 def test_a_metrics_line_cut_short_by_a_kill_is_dropped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "test_acc')
-    assert [line["step"] for line in runner.prog.read_jsonl(str(path))] == [1, 2]
+    assert [line["step"] for line in files.read_jsonl(str(path))] == [1, 2]

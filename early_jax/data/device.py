@@ -58,6 +58,20 @@ def batch_indices(permutation: jax.Array, position, batch_size: int) -> jax.Arra
     return jax.lax.dynamic_slice_in_dim(padded, position * batch_size, batch_size)
 
 
+def padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> dict:
+    """Host arrays as [num_batches, B, ...] with zero-weight padding, for one scan over a split:
+    {x, y, w (1 real, 0 padding), count}."""
+    n = len(x)
+    batch_size = max(1, min(batch_size, n))
+    num_batches = -(-n // batch_size)
+    pad = num_batches * batch_size - n
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = np.concatenate([y, np.zeros(pad, y.dtype)])
+    w = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    shape = lambda a: a.reshape(num_batches, batch_size, *a.shape[1:])
+    return {"x": shape(x), "y": shape(y), "w": shape(w), "count": np.float32(n)}
+
+
 def normalize(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
     """uint8 or [0, 1] float pixels -> zero-mean, unit-std channels."""
     if images.dtype == jnp.uint8:
@@ -122,18 +136,18 @@ def train_batch(arrays: TrainArrays, prep: Preprocess, permutation: jax.Array, p
     return normalize(images, arrays.mean, arrays.std), labels
 
 
-def fixed_random_labels(labels: np.ndarray, num_classes: int, fraction: float, seed: int) -> np.ndarray:
-    """Replace a seeded `fraction` of the labels with uniform random classes, fixed for the run."""
-    rng = np.random.default_rng(seed)
+def fixed_random_labels(labels: np.ndarray, num_classes: int, fraction: float,
+                        rng: np.random.Generator) -> np.ndarray:
+    """Replace a random `fraction` of the labels with uniform random classes, fixed for the run."""
     chosen = rng.permutation(len(labels))[: round(fraction * len(labels))]
     out = np.array(labels, np.int32)
     out[chosen] = rng.integers(0, num_classes, len(chosen))
     return out
 
 
-def fixed_quarter_turns(num_examples: int, seed: int) -> np.ndarray:
+def fixed_quarter_turns(num_examples: int, rng: np.random.Generator) -> np.ndarray:
     """One rotation class in {0,1,2,3} per example, drawn once (not redrawn per epoch)."""
-    return np.random.default_rng(seed).integers(0, 4, num_examples).astype(np.int32)
+    return rng.integers(0, 4, num_examples).astype(np.int32)
 
 
 def rotate_host(images: np.ndarray, turns: np.ndarray) -> np.ndarray:

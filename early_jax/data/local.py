@@ -9,6 +9,7 @@ import zipfile
 
 import numpy as np
 
+from early_jax import files
 from early_jax.data.record import Dataset, make_dataset
 from early_jax.errors import UserError
 
@@ -54,11 +55,15 @@ def _find(folder: str, stem: str) -> str:
                     "train-labels-idx1, t10k-images-idx3 and t10k-labels-idx1 files")
 
 
+IDX_STEMS = ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")
+
+
 def load_idx_folder(folder: str, name: str | None = None) -> Dataset:
     """MNIST-layout folder (e.g. Debian's dataset-fashion-mnist package)."""
-    arrays = [read_idx(_find(folder, stem)) for stem in
-              ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")]
-    return make_dataset(name or os.path.basename(os.path.normpath(folder)), *arrays, num_classes=10)
+    paths = [_find(folder, stem) for stem in IDX_STEMS]
+    arrays = [read_idx(path) for path in paths]
+    return make_dataset(name or os.path.basename(os.path.normpath(folder)), *arrays, num_classes=10,
+                        sources=paths)
 
 
 def load_cifar_folder(folder: str) -> Dataset:
@@ -75,9 +80,11 @@ def load_cifar_folder(folder: str) -> Dataset:
         parts = [unpickle(f"data_batch_{i}") for i in range(1, 6)]
         x_train, y_train = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         x_test, y_test = unpickle("test_batch")
-        return make_dataset("cifar10", x_train, y_train, x_test, y_test, num_classes=10)
+        sources = [os.path.join(folder, f) for f in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")]
+        return make_dataset("cifar10", x_train, y_train, x_test, y_test, num_classes=10, sources=sources)
     (x_train, y_train), (x_test, y_test) = unpickle("train"), unpickle("test")
-    return make_dataset("cifar100", x_train, y_train, x_test, y_test, num_classes=100)
+    return make_dataset("cifar100", x_train, y_train, x_test, y_test, num_classes=100,
+                        sources=[os.path.join(folder, f) for f in ("train", "test")])
 
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -92,15 +99,14 @@ def load_npz(path: str) -> Dataset:
         num_classes = int(archive["num_classes"]) if "num_classes" in archive else None
         name = str(archive["name"]) if "name" in archive else os.path.splitext(os.path.basename(path))[0]
         arrays = [archive[k] for k in NPZ_KEYS]
-    return make_dataset(name, *arrays, num_classes=num_classes)
+    return make_dataset(name, *arrays, num_classes=num_classes, sources=[path])
 
 
 def save_npz(dataset: Dataset, path: str) -> None:
     """Write atomically so that a killed process never leaves a truncated cache behind."""
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, x_train=dataset.x_train, y_train=dataset.y_train, x_test=dataset.x_test,
-             y_test=dataset.y_test, num_classes=dataset.num_classes, name=dataset.name)
-    os.replace(tmp, path)
+    with files.atomic(path, "wb") as f:
+        np.savez(f, x_train=dataset.x_train, y_train=dataset.y_train, x_test=dataset.x_test,
+                 y_test=dataset.y_test, num_classes=dataset.num_classes, name=dataset.name)
 
 
 def synthetic(num_train=256, num_test=128, shape=(8, 8, 3), num_classes=10, seed=0) -> Dataset:
