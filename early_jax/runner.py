@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from early_jax import files, preemption, sharding
+from early_jax import files, preemption, sharding, tables
 from early_jax import progress as prog
 from early_jax.checkpoint import Checkpoints
 from early_jax.config import to_steps
@@ -207,7 +207,7 @@ def _train(trainer: Trainer, run_dir: RunDir, descriptor: Run, initial, save_ste
               "diverged": watch.flags(), "diverged_at": watch.steps()}
     files.write_json(run_dir.file("result.json"), result)
     sharding.sync("result " + run_dir.path)
-    bar.done(f"done: test accuracy {_mean_std(final['test_accuracy'])}" + watch.summary())
+    bar.done(f"done: test accuracy {tables.stat(final['test_accuracy']).text()}%" + watch.summary())
     return states, result
 
 
@@ -274,11 +274,3 @@ def _metrics_line(trainer, step, window, test, rate) -> dict:
             "train_steps": sum(len(w["loss"]) for w in window),
             **{f"train_{k}": v.tolist() for k, v in train.items()},
             **{k: v.tolist() for k, v in test.items()}}
-
-
-def _mean_std(values) -> str:
-    values = 100 * np.asarray(values, float)
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return "n/a (every seed diverged)"
-    return f"{values.mean():.2f}% +- {values.std():.2f}" if len(values) > 1 else f"{values.mean():.2f}%"
