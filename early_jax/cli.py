@@ -9,10 +9,13 @@ import difflib
 import os
 import signal
 import sys
+import traceback
 from typing import Callable
 
+import jax
+
 from early_jax import config as cfg
-from early_jax import files, preemption
+from early_jax import files, preemption, sharding
 from early_jax.errors import UserError
 
 
@@ -91,6 +94,8 @@ def main(run: Callable[[argparse.Namespace], None], p: argparse.ArgumentParser) 
         if getattr(args, "distributed", False):
             from early_jax.sharding import initialize_distributed
             initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+            if jax.process_index() != 0:  # one voice per run: process 0 prints plans and progress
+                sys.stdout = open(os.devnull, "w")
         run(args)
     except UserError as err:
         _exit(f"error: {err}", 2)
@@ -107,9 +112,15 @@ def main(run: Callable[[argparse.Namespace], None], p: argparse.ArgumentParser) 
         _exit(f"error: {message}", 2)
     except Exception as err:
         message = files.workdir_error(err)  # Orbax wraps OS errors in its own
-        if message is None:
-            raise
-        _exit(f"error: {message}", 2)
+        if message is not None:
+            _exit(f"error: {message}", 2)
+        if sharding.peer_failure(err):
+            _exit(f"error: another process of this multi-host run stopped ({str(err).splitlines()[0][:160]}); "
+                  "what finished is saved: start every process again with the same command to resume", 1)
+        if jax.process_count() > 1:  # a real bug: show it, then leave without waiting for the others
+            traceback.print_exc()
+            _exit("error: this process failed (traceback above); the other processes stop too", 1)
+        raise
 
 
 def _exit(message: str, code: int) -> None:

@@ -147,7 +147,7 @@ def _path_program(trainer: Trainer, settings: PathSettings, alpha_chunk: int):
 
     rows = over_seeds(one_pair, trainer.parallel, 4)
     seeds, rep = P(sharding.SEED_AXIS), P()
-    return jax.jit(jax.shard_map(trainer.precise(rows), mesh=trainer.mesh,
+    return jax.jit(jax.shard_map(trainer.traced(rows), mesh=trainer.mesh,
                                  in_specs=(seeds,) * 4 + (rep,) * 3, out_specs=seeds, check_vma=False))
 
 

@@ -122,8 +122,16 @@ def imp_folder(dense_run: Dense, prune: PruneConfig) -> str:
     return os.path.join(dense_run.folder(), name)
 
 
+class OnDense(Run):
+    """A run of one state row per seed of the dense run it starts from."""
+
+    @property
+    def seeds(self):
+        return self.dense.seeds
+
+
 @dataclasses.dataclass(frozen=True)
-class ImpLevel(Run):
+class ImpLevel(OnDense):
     """IMP level L >= 1: prune level L-1's final weights, rewind the survivors to step k, retrain."""
 
     kind: ClassVar[str] = "imp_level"
@@ -134,10 +142,6 @@ class ImpLevel(Run):
 
     def folder(self) -> str:
         return os.path.join(imp_folder(self.dense, self.prune), f"rewind{self.rewind}", f"level{self.level}")
-
-    @property
-    def seeds(self):
-        return self.dense.seeds
 
     def tag(self) -> str:
         """A short name of this subnetwork for the folders of runs that use its mask."""
@@ -193,7 +197,7 @@ class InstabilityCopies(Run):
 
 
 @dataclasses.dataclass(frozen=True)
-class Telemetry(Run):
+class Telemetry(OnDense):
     """Statistics of the first `end` steps of the dense run, optionally over a subnetwork."""
 
     kind: ClassVar[str] = "telemetry"
@@ -206,13 +210,9 @@ class Telemetry(Run):
         sub = f"_{self.subnet.tag()}" if self.subnet else ""
         return os.path.join(self.dense.folder(), f"telemetry_{self.end}_every{self.every}{sub}")
 
-    @property
-    def seeds(self):
-        return self.dense.seeds
-
 
 @dataclasses.dataclass(frozen=True)
-class Pretraining(Run):
+class Pretraining(OnDense):
     """P epochs of a changed task from each seed's init (only the subnetwork of `sparse`, if set)."""
 
     kind: ClassVar[str] = "pretraining"
@@ -227,10 +227,6 @@ class Pretraining(Run):
 
     def folder(self) -> str:
         return os.path.join(self.root(), "pretrain")
-
-    @property
-    def seeds(self):
-        return self.dense.seeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,7 +253,7 @@ class AfterPretraining(Run):
 
 
 @dataclasses.dataclass(frozen=True)
-class Study(Run):
+class Study(OnDense):
     """The whole-paper study's tables, figures and report for one prune setting and plan."""
 
     kind: ClassVar[str] = "study"
@@ -268,10 +264,6 @@ class Study(Run):
     def folder(self) -> str:
         name = f"study_{os.path.basename(imp_folder(self.dense, self.prune))[4:]}_{digest(self.plan)}"
         return os.path.join(self.dense.folder(), name)
-
-    @property
-    def seeds(self):
-        return self.dense.seeds
 
 
 def check_no_older_layout(workdir: str, dense_run: Dense) -> None:

@@ -95,3 +95,13 @@ def any_process(flag: bool) -> bool:
         return flag
     from jax.experimental import multihost_utils
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+
+
+_PEER_FAILURE = ("Gloo", "heartbeat", "Connection reset", "coordination service", "UNAVAILABLE",
+                 "Connection refused", "Broken pipe")
+
+
+def peer_failure(err: BaseException) -> bool:
+    """Whether an error of a multi-process run says another process went away (a collective or the
+    coordination service lost its peer), rather than a bug here."""
+    return jax.process_count() > 1 and any(marker in str(err) for marker in _PEER_FAILURE)

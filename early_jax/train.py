@@ -118,12 +118,12 @@ def evaluation_sums(model, variables, data: dict) -> jax.Array:
     return total
 
 
-def resolve_seed_parallel(choice: str) -> str:
+def resolve_seed_parallel(choice: str, platform: str) -> str:
     """CPU convolutions under vmap become slow grouped convolutions, so seeds run one after another
     there; accelerators batch them."""
     if choice != "auto":
         return choice
-    return "map" if jax.default_backend() == "cpu" else "vmap"
+    return "map" if platform == "cpu" else "vmap"
 
 
 def over_seeds(fn: Callable, parallel: str, num_mapped: int) -> Callable:
@@ -150,6 +150,7 @@ class Trainer:
         self.dataset = dataset
         tc = config.train
         self.mesh = mesh if mesh is not None else sharding.seed_mesh()
+        self.platform = self.mesh.devices.flat[0].platform  # what the programs are compiled for
         self.model = models.create(config.model.name, num_classes or dataset.num_classes,
                                    bn_scale_init=config.model.bn_scale_init,
                                    dtype=config.model.compute_dtype)
@@ -161,7 +162,7 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(len(dataset.x_train), tc.batch_size)
         self.total_steps = to_steps(tc.duration, self.steps_per_epoch)
         self.tx = make_optimizer(tc)
-        self.parallel = resolve_seed_parallel(tc.seed_parallel)
+        self.parallel = resolve_seed_parallel(tc.seed_parallel, self.platform)
         self.fns = StepFns(self.model, self.tx, make_schedule(tc, self.steps_per_epoch),
                            prep or Preprocess(augment=config.data.augment), tc.batch_size,
                            self.steps_per_epoch)
@@ -170,7 +171,7 @@ class Trainer:
         test = padded_batches(dataset.x_test, dataset.y_test, tc.eval_batch_size)
         self.test = sharding.put_replicated(test | {"mean": dataset.mean, "std": dataset.std}, self.mesh)
         # Built once: each jit object caches its trace (tracing the model costs ~0.5 s).
-        self._init = jax.jit(jax.vmap(self.init_one), out_shardings=sharding.seed_sharding(self.mesh))
+        self._init = jax.jit(self.traced(jax.vmap(self.init_one)), out_shardings=sharding.seed_sharding(self.mesh))
         self._zero_momentum = jax.jit(jax.vmap(self.tx.init))
         self._advance = {None: self._compile_advance()}
         self._evaluate = self._compile_evaluate()
@@ -180,10 +181,11 @@ class Trainer:
     @property
     def execution(self) -> dict:
         """How this trainer computes: what must match for a replay to reproduce a run's steps."""
-        out = {"backend": jax.default_backend(), "seed_parallel": self.parallel, "devices": self.mesh.size,
+        out = {"backend": self.platform, "seed_parallel": self.parallel, "devices": self.mesh.size,
                "matmul_precision": self.config.model.matmul_precision}
-        if layers.conv_impl() is not None:  # CPU: kernel gradients summed in chunks (another order)
-            out["cpu_kernel_grad_chunk"] = cpu_conv.KERNEL_GRAD_CHUNK
+        with layers.compiling_for(self.platform):
+            if layers.conv_impl() is not None:  # CPU: kernel gradients summed in chunks (another order)
+                out["cpu_kernel_grad_chunk"] = cpu_conv.KERNEL_GRAD_CHUNK
         return out
 
     # ----- state -----
@@ -222,10 +224,12 @@ class Trainer:
         return states.replace(opt_state=self._zero_momentum(states.params))
 
     # ----- compiled programs -----
-    def precise(self, fn: Callable) -> Callable:
-        """`fn` traced under the configured float32 matmul/convolution precision."""
+    def traced(self, fn: Callable) -> Callable:
+        """`fn` traced for this trainer's platform (see layers.compiling_for) under the configured
+        float32 matmul/convolution precision."""
         def wrapped(*args):
-            with jax.default_matmul_precision(self.config.model.matmul_precision):
+            with layers.compiling_for(self.platform), \
+                    jax.default_matmul_precision(self.config.model.matmul_precision):
                 return fn(*args)
         return wrapped
 
@@ -269,7 +273,7 @@ class Trainer:
             return states, metrics
 
         seeds, rep = P(sharding.SEED_AXIS), P()
-        sharded = jax.shard_map(self.precise(advance), mesh=self.mesh, in_specs=(seeds, seeds, rep, rep, rep),
+        sharded = jax.shard_map(self.traced(advance), mesh=self.mesh, in_specs=(seeds, seeds, rep, rep, rep),
                                 out_specs=(seeds, P(None, sharding.SEED_AXIS)), check_vma=False)
         return jax.jit(sharded, donate_argnums=0)
 
@@ -282,7 +286,7 @@ class Trainer:
 
         over = over_seeds(one_seed, self.parallel, 1)
         seeds, rep = P(sharding.SEED_AXIS), P()
-        return jax.jit(jax.shard_map(self.precise(over), mesh=self.mesh, in_specs=(seeds, rep), out_specs=seeds,
+        return jax.jit(jax.shard_map(self.traced(over), mesh=self.mesh, in_specs=(seeds, rep), out_specs=seeds,
                                      check_vma=False))
 
     # ----- host-facing -----

@@ -226,14 +226,28 @@ def test_bfloat16_compute_trains_with_float32_state():
     assert np.isfinite(loss).all() and loss[-6:].mean() < 0.5 * loss[:6].mean()
 
 
-def test_seed_parallel_auto_is_map_on_cpu_and_vmap_on_accelerators(monkeypatch):
-    assert train.resolve_seed_parallel("auto") == "map"
-    for backend in ("gpu", "tpu", "cuda", "rocm"):
-        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
-        assert train.resolve_seed_parallel("auto") == "vmap"
-        assert train.resolve_seed_parallel("map") == "map"
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert train.resolve_seed_parallel("vmap") == "vmap"
+def test_seed_parallel_auto_is_map_on_cpu_and_vmap_on_accelerators():
+    assert train.resolve_seed_parallel("auto", "cpu") == "map"
+    for platform in ("gpu", "tpu", "cuda", "rocm"):
+        assert train.resolve_seed_parallel("auto", platform) == "vmap"
+        assert train.resolve_seed_parallel("map", platform) == "map"
+    assert train.resolve_seed_parallel("vmap", "cpu") == "vmap"
+
+
+def test_the_convolution_code_path_follows_the_platform_compiled_for():
+    """Traced for a TPU on this CPU host, the model has XLA's own convolutions, as a TPU runs it."""
+    from early_jax.models import layers
+    def grad_of(conv):
+        loss = lambda w: conv(jnp.ones((1, 4, 4, 2)), w, (1, 1), "SAME",
+                              dimension_numbers=("NHWC", "HWIO", "NHWC")).sum()
+        return str(jax.make_jaxpr(jax.grad(loss))(jnp.ones((3, 3, 2, 2))))
+
+    plain = grad_of(jax.lax.conv_general_dilated)
+    assert grad_of(layers.conv_impl()) != plain  # on the CPU backend: the CPU rewrite
+    with layers.compiling_for("tpu"):
+        assert layers.conv_impl() is None
+    with layers.compiling_for("cpu"):
+        assert grad_of(layers.conv_impl()) != plain
 
 
 # ----- the tiled max-pool gradient -----

@@ -1,6 +1,8 @@
 """Layers with the paper's initialisation (open_lth defaults) shared by every model."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -50,10 +52,28 @@ def conv_barrier_enabled() -> bool:
     return os.environ.get("EARLY_JAX_CONV_BARRIER", "1").lower() not in ("0", "false", "no", "off")
 
 
+_target = contextvars.ContextVar("early_jax_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Trace models for `platform` ('cpu', 'gpu', 'tpu'): the platform the program will run on,
+    which an ahead-of-time compile for a TPU topology does not share with the host tracing it."""
+    token = _target.set(platform)
+    try:
+        yield
+    finally:
+        _target.reset(token)
+
+
+def target_platform() -> str:
+    return _target.get() or jax.default_backend()
+
+
 def conv_impl():
     """On CPU, convolutions with canonical-form gradients and a fusion barrier on their inputs
-    (see cpu_conv); elsewhere XLA's own."""
-    if jax.default_backend() != "cpu":
+    (see cpu_conv); elsewhere XLA's own. Chosen for the platform being compiled for."""
+    if target_platform() != "cpu":
         return None
     return flax_conv_fn_with_barrier if conv_barrier_enabled() else flax_conv_fn
 
