@@ -8,6 +8,7 @@ and the rewind-to-0 reference are the IMP rows themselves.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -47,15 +48,21 @@ def perturbed_states(exp: Experiment, state_k: TrainState, state_0: TrainState, 
     pipeline.check_finite(exp, state_k, "perturb")
     rewound = pipeline.rewind(exp, state_k, mask)
     w_0 = jax.vmap(masks.apply_mask)(state_0.params, mask)
+    params, eff = perturbation_program(treatment, level)(rewound.keys["perturb"], rewound.params, w_0, mask)
+    return rewound.replace(params=params), eff
 
+
+@functools.lru_cache(maxsize=64)
+def perturbation_program(treatment: Treatment, level: int):
+    """jit((perturb key data, W_k, masked W_0, mask) per row -> (perturbed W_k, [effective std,
+    raw std])), vmapped over the rows."""
     def one(key_data, w_k, w0, m):
         key = streams.derive(jax.random.wrap_key_data(key_data), *treatment.stream_names, level)
         after = perturb.apply(treatment.name, key, w_k, w0, m, treatment.scale)
         eff = perturb.effective_std(w_k, after, m, perturb.init_std(w_k, m))
         return after, jnp.stack([eff["overall"], eff["raw"]])
 
-    params, eff = jax.jit(jax.vmap(one))(rewound.keys["perturb"], rewound.params, w_0, mask)
-    return rewound.replace(params=params), eff
+    return jax.jit(jax.vmap(one))
 
 
 def descriptor(exp: Experiment, k: int, levels, treatments) -> runs.Perturbation:

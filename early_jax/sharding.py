@@ -47,6 +47,12 @@ def put_replicated(tree, mesh: Mesh):
     return jax.tree.map(put, tree)
 
 
+def abstract_replicated(tree, mesh: Mesh):
+    """Shapes and dtypes of host arrays as replicated over the mesh, placing nothing."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding), tree)
+
+
 def to_host(x) -> np.ndarray:
     """A global array as one host array on every process: gathered across processes when it
     spans devices of other hosts (np.asarray alone refuses those)."""

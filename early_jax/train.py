@@ -141,11 +141,14 @@ class Trainer:
     """Compiled training and evaluation of S seeds of one model on one dataset.
 
     `arrays`/`prep`/`num_classes` default to the dataset's supervised task; pre-training tasks pass
-    their own (random labels, rotation classes, blur).
+    their own (random labels, rotation classes, blur). With `abstract`, nothing is placed on a
+    device (the data are shapes with shardings): the programs can only be lowered and compiled,
+    e.g. ahead of time for a TPU topology this machine does not have (benchmarks/tpu_aot.py).
     """
 
     def __init__(self, config: Config, dataset: Dataset, *, arrays: TrainArrays | None = None,
-                 prep: Preprocess | None = None, num_classes: int | None = None, mesh=None):
+                 prep: Preprocess | None = None, num_classes: int | None = None, mesh=None,
+                 abstract: bool = False):
         self.config = config
         self.dataset = dataset
         tc = config.train
@@ -167,9 +170,10 @@ class Trainer:
                            prep or Preprocess(augment=config.data.augment), tc.batch_size,
                            self.steps_per_epoch)
         arrays = arrays or TrainArrays(dataset.x_train, dataset.y_train, dataset.mean, dataset.std)
-        self.arrays = sharding.put_replicated(arrays, self.mesh)
+        place = sharding.abstract_replicated if abstract else sharding.put_replicated
+        self.arrays = place(arrays, self.mesh)
         test = padded_batches(dataset.x_test, dataset.y_test, tc.eval_batch_size)
-        self.test = sharding.put_replicated(test | {"mean": dataset.mean, "std": dataset.std}, self.mesh)
+        self.test = place(test | {"mean": dataset.mean, "std": dataset.std}, self.mesh)
         # Built once: each jit object caches its trace (tracing the model costs ~0.5 s).
         self._init = jax.jit(self.traced(jax.vmap(self.init_one)), out_shardings=sharding.seed_sharding(self.mesh))
         self._zero_momentum = jax.jit(jax.vmap(self.tx.init))
