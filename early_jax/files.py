@@ -20,7 +20,8 @@ from early_jax.errors import UserError
 # OS errors a user fixes by pointing the work dir elsewhere or freeing space.
 WORKDIR_ERRNOS = {errno.EROFS: "the file system is read-only", errno.ENOSPC: "the disk is full",
                   errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied",
-                  errno.EPERM: "operation not permitted"}
+                  errno.EPERM: "operation not permitted",
+                  errno.ENOTDIR: "a part of the path is a file, not a folder"}
 
 
 def is_primary() -> bool:

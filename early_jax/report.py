@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from early_jax import files, tables  # noqa: E402
+from early_jax import files, tables, verdicts  # noqa: E402
 from early_jax.errors import UserError  # noqa: E402
 
 
@@ -305,6 +305,13 @@ def write_report(study_dir: str, title: str | None = None) -> str:
 
 Regenerate with `python experiments/make_figures.py --study_dir={study_dir}` (no training).
 Numbers are mean ± sample standard deviation over seeds.
+
+## What reproduced at this scale
+Each verdict is computed from the tables below (early_jax/verdicts.py): a difference in the
+paper's direction by more than {verdicts.Z:g} pooled standard errors is *reproduced*, in that
+direction but within the noise *mixed*, otherwise *not at this scale*.
+
+{verdicts.markdown(verdicts.study(dense, imp, perturbations, barriers, pre))}
 
 ## Dense network
 Test accuracy {tables.stat([r['accuracy'] for r in tables.finite_rows(dense)]).text()}% over {len(dense)} seed(s).{_diverged_note(dense)}

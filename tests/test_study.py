@@ -60,6 +60,8 @@ def test_study_runs_end_to_end_resumes_after_an_interrupt_and_reports_everything
                     "| level | rewind k | test barrier", "| task | pre-training epochs"):
         assert heading in text
     assert "shuffle_layer" in text and "noise 1x" in text
+    assert "## What reproduced at this scale" in text and "| finding (paper) |" in text
+    assert text.count("**reproduced**") + text.count("**mixed**") + text.count("**not at this scale**") >= 5
 
     # a finished study trains nothing and restores no checkpoint: every piece is found from JSON
     monkeypatch.setattr(exp.trainer, "advance", lambda *a, **k: pytest.fail("no training"))
