@@ -20,7 +20,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model=convnet_tiny", "--batch_size=16", "--duration=4ep", "--milestones=2ep", "--eval_every=2ep",
-        "--eval_batch_size=16", "--save_steps=0it,3it,6it", "--num_seeds=2", "--levels=1"]
+        "--eval_batch_size=16", "--save_steps=0it,3it,6it", "--num_seeds=2"]
 
 
 def datasets(folder: str) -> dict[str, str]:
@@ -117,7 +117,10 @@ def run(script: str, flags: list[str]) -> tuple[int, str, float]:
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), *flags],
                           capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-    message = lines[-1] if lines else proc.stdout.strip().splitlines()[-1]
+    errors = [l for l in lines if l.startswith("error:")]
+    message = errors[0] if errors else lines[-1] if lines else proc.stdout.strip().splitlines()[-1]
+    if len(lines) > len(errors):
+        message += f" (+{len(lines) - len(errors)} more lines)"
     if "Traceback" in proc.stderr:
         message = "TRACEBACK: " + message
     return proc.returncode, message, time.time() - start

@@ -17,11 +17,14 @@ import jax
 
 from early_jax.errors import UserError
 
-# OS errors a user fixes by pointing the work dir elsewhere or freeing space.
-WORKDIR_ERRNOS = {errno.EROFS: "the file system is read-only", errno.ENOSPC: "the disk is full",
-                  errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied",
-                  errno.EPERM: "operation not permitted",
-                  errno.ENOTDIR: "a part of the path is a file, not a folder"}
+# OS errors a user fixes by pointing the work dir elsewhere, freeing space or fixing permissions:
+# errno -> (what happened, what to do).
+WORKDIR_ERRNOS = {errno.EROFS: ("the file system is read-only", "pass a writable --workdir"),
+                  errno.ENOSPC: ("the disk is full", "free space or pass another --workdir"),
+                  errno.EDQUOT: ("the disk quota is exceeded", "free space or pass another --workdir"),
+                  errno.EACCES: ("permission denied", "fix the folder's permissions or pass another --workdir"),
+                  errno.EPERM: ("operation not permitted", "fix the folder's permissions or pass another --workdir"),
+                  errno.ENOTDIR: ("a part of the path is a file, not a folder", "pass a folder as --workdir")}
 
 
 def is_primary() -> bool:
@@ -108,11 +111,9 @@ def workdir_error(err: BaseException) -> str | None:
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, OSError) and err.errno in WORKDIR_ERRNOS:
-            where = err.filename or "the work dir"
-            folder = os.path.dirname(os.path.abspath(where)) if err.filename else where
-            return (f"cannot write {where}: {WORKDIR_ERRNOS[err.errno]}. Free space or fix the "
-                    f"permissions of {folder}, or pass another --workdir; finished results are "
-                    "kept and a rerun resumes")
+            what, advice = WORKDIR_ERRNOS[err.errno]
+            return (f"cannot write {err.filename or 'in the work dir'}: {what}; {advice}. Finished "
+                    "results are kept and a rerun resumes")
         err = err.__cause__ or err.__context__
     return None
 

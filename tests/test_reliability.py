@@ -184,7 +184,7 @@ def test_a_full_disk_mid_run_is_one_line_and_a_rerun_resumes(tmp_path):
             "    return real(path, mode)\n"
             "f.atomic = atomic")
     code, _, err = finish(script(tmp_path, "train.py", pre=f"exec({full!r})"))
-    assert code == 2 and "the disk is full" in error_line(err) and "pass another --workdir" in err
+    assert code == 2 and "the disk is full; free space or pass another --workdir" in error_line(err)
     dense = [d for d in os.listdir(tmp_path / "wd") if d.startswith("dense_")]
     assert dense and os.listdir(tmp_path / "wd" / dense[0] / "checkpoints")  # what was done is kept
     code, out, err = finish(script(tmp_path, "train.py"))
