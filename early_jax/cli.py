@@ -158,7 +158,7 @@ def perturbation_main(args, treatments: list, title: str) -> None:
     from early_jax import branches, data, pipeline, plans
     config = config_from_args(args)
     branches.check_treatments(treatments)  # before any data loading or training
-    exp = pipeline.Experiment(config, data.load(config.data.name, config.data.data_dir))
+    exp = pipeline.Experiment(config, data.from_config(config.data))
     k = exp.steps(args.rewind_iter)
     pipeline.check_rewind_steps(exp, [k])
     levels = numbers(args.perturb_levels, int) if args.perturb_levels else list(range(1, config.prune.levels + 1))

@@ -51,6 +51,7 @@ class DataConfig:
     name: str = not_identity("cifar10")         # identified by the arrays' content, not the name
     data_dir: str | None = not_identity(None)
     augment: bool = True             # pad-4 random crop + horizontal flip on training batches
+    pool: int = 1                    # average-pool images by this factor when loading (2: 28x28 -> 14x14)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +214,8 @@ def validate(config: Config) -> Config:
     _check_number("fraction", p.fraction, lambda x: 0 < x < 1, "in (0, 1)")
     if p.levels < 0:
         raise UserError(f"--levels must be >= 0, got {p.levels}")
+    if config.data.pool < 1:
+        raise UserError(f"--pool must be >= 1, got {config.data.pool}")
     for name, value in (("seed_parallel", t.seed_parallel), ("scope", p.scope),
                         ("on_divergence", t.on_divergence), ("matmul_precision", config.model.matmul_precision)):
         if value not in CHOICES[name]:

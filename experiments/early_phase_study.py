@@ -16,7 +16,7 @@ from early_jax.progress import format_seconds
 
 def main(args):
     config, plan = study.study_config(args.preset, cli.overrides(args))
-    exp = pipeline.Experiment(config, data.load(config.data.name, config.data.data_dir))
+    exp = pipeline.Experiment(config, data.from_config(config.data))
     study.check(plan, exp)
     start = time.time()
     plans.print_plan(f"early-phase study, rewind k={plan.rewind}, {plan.levels} IMP levels",

@@ -16,7 +16,7 @@ from early_jax import cli, data, masks, pipeline, plans, report, tables
 
 def main(args):
     config = cli.config_from_args(args)
-    exp = pipeline.Experiment(config, data.load(config.data.name, config.data.data_dir))
+    exp = pipeline.Experiment(config, data.from_config(config.data))
     steps = sorted({exp.steps(k) for k in config.prune.rewind_iters})
     pipeline.check_rewind_steps(exp, steps)
     plans.print_plan(f"IMP, rewind to {steps}, {config.prune.levels} levels",

@@ -24,7 +24,7 @@ def main(args):
     config = cli.config_from_args(args)
     if args.level < 0:
         raise UserError(f"--level must be >= 0, got {args.level}")
-    exp = pipeline.Experiment(config, data.load(config.data.name, config.data.data_dir))
+    exp = pipeline.Experiment(config, data.from_config(config.data))
     steps = sorted({exp.steps(k) for k in config.prune.rewind_iters})
     pipeline.check_rewind_steps(exp, steps)
     settings = PathSettings(tuple(cli.numbers(args.alphas)), args.bn_batches > 0, max(args.bn_batches, 1),

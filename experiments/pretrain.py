@@ -18,7 +18,7 @@ NOT_READ = {"rewind_iters": "--rewind_iter (the supervised reference k)"}
 
 def main(args):
     config = cli.config_from_args(args)
-    exp = pipeline.Experiment(config, data.load(config.data.name, config.data.data_dir))
+    exp = pipeline.Experiment(config, data.from_config(config.data))
     task = pretrain.parse_task(args.task, label_fraction=args.label_fraction, blur_factor=args.blur_factor,
                                rotation=args.rotation, rotate_first=args.rotate_first,
                                subset_fraction=args.subset_fraction)

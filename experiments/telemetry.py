@@ -16,7 +16,7 @@ NOT_READ = {"rewind_iters": "--rewind_iter (the rewind step of --level)",
 
 def main(args):
     config = cli.config_from_args(args)
-    exp = pipeline.Experiment(config, data.load(config.data.name, config.data.data_dir))
+    exp = pipeline.Experiment(config, data.from_config(config.data))
     steps = min(exp.steps(args.steps), exp.total_steps)
     rewind = exp.steps(args.rewind_iter)
     if args.level < 0 or args.every < 1 or steps < 1:

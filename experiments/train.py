@@ -10,7 +10,7 @@ NOT_READ = {name: "experiments/imp.py (pruning)" for name in ("fraction", "scope
 
 def main(args):
     config = cli.config_from_args(args)
-    exp = pipeline.Experiment(config, data.load(config.data.name, config.data.data_dir))
+    exp = pipeline.Experiment(config, data.from_config(config.data))
     plans.print_plan("dense training", plans.dense_and_imp(exp, [], 0), exp, plans.measure(exp))
     result = pipeline.train_dense(exp).result
     rows = pipeline.result_rows(result, level=0)

@@ -203,3 +203,17 @@ def test_train_batch_gathers_the_permuted_examples():
     x, y = dev.train_batch(arrays, dev.Preprocess(augment=False), perm, 1, 3, jax.random.key(0))
     np.testing.assert_array_equal(y, [0, 2, 6])
     np.testing.assert_allclose(np.asarray(x).ravel(), np.array([0, 20, 60]) / 255.0, rtol=1e-6)
+
+
+def test_pooling_averages_blocks_and_keeps_examples_and_labels():
+    from early_jax import data
+    images = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1)
+    ds = data.make_dataset("x", images, [0, 1], images, [1, 0])
+    small = data.pooled(ds, 2)
+    assert small.image_shape == (2, 2, 1) and small.name == "x_pool2"
+    np.testing.assert_array_equal(small.x_train[0, :, :, 0], [[2, 4], [10, 12]])  # means 2.5 4.5 10.5 12.5 -> even
+    np.testing.assert_array_equal(small.y_train, ds.y_train)
+    assert data.pooled(ds, 1) is ds
+    from early_jax.errors import UserError
+    with pytest.raises(UserError, match="larger than the 4x4 images"):
+        data.pooled(ds, 5)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import re
 
+import numpy as np
+
 from early_jax.data.local import (DEBIAN_FASHION_MNIST, load_cifar_folder, load_idx_folder, load_npz,
                                   save_npz, synthetic)
 from early_jax.data.record import Dataset, make_dataset
@@ -12,7 +14,31 @@ from early_jax.errors import UserError
 
 _SYNTHETIC = re.compile(r"synthetic(?::(\d+)x(\d+)x(\d+))?$")
 
-__all__ = ["Dataset", "make_dataset", "load", "synthetic", "save_npz", "TFDS_NAMES"]
+__all__ = ["Dataset", "make_dataset", "load", "from_config", "pooled", "synthetic", "save_npz", "TFDS_NAMES"]
+
+
+def from_config(data_config) -> Dataset:
+    """The dataset a config names (`name`, `data_dir`), average-pooled by `pool`."""
+    return pooled(load(data_config.name, data_config.data_dir), data_config.pool)
+
+
+def pooled(dataset: Dataset, factor: int) -> Dataset:
+    """Images average-pooled over factor x factor blocks (rounded to uint8): smaller inputs, a
+    cheaper step, the same examples and labels."""
+    if factor == 1:
+        return dataset
+    height, width = dataset.image_shape[:2]
+    if factor > min(height, width):
+        raise UserError(f"--pool={factor} is larger than the {height}x{width} images")
+
+    def pool(x):
+        n, h, w, c = x.shape
+        blocks = x[:, :h // factor * factor, :w // factor * factor].reshape(
+            n, h // factor, factor, w // factor, factor, c)
+        return np.round(blocks.mean(axis=(2, 4))).astype(np.uint8)
+
+    return make_dataset(f"{dataset.name}_pool{factor}", pool(dataset.x_train), dataset.y_train,
+                        pool(dataset.x_test), dataset.y_test, dataset.num_classes)
 
 
 def load(name_or_path: str, data_dir: str | None = None) -> Dataset:
