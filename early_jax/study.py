@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 
 from early_jax import branches, config as cfg, files, instability, pipeline, plans, pretrain, runs, tables, telemetry
 from early_jax.errors import UserError
@@ -31,6 +30,9 @@ class Plan:
     pretrain_task: str = "blur"
     pretrain_epochs: tuple = (1, 2, 4)
     pretrain_offset: str = "replace"  # "none" where P epochs would eat most of a short run
+    # 0: the dense network, at every instability k; L: IMP level L's subnetworks, at the rewind
+    # steps IMP trains anyway (0 and k: each needs its own IMP levels)
+    instability_levels: tuple = (0,)
     instability_alphas: tuple = DEFAULT_ALPHAS
     instability_train_examples: int = 10_000
     instability_bn_batches: int = 50
@@ -94,9 +96,15 @@ def check(plan: Plan, exp: Experiment) -> None:
     pretrain.check_task(pretrain.parse_task(plan.pretrain_task), exp.dataset, exp.config.train.batch_size)
     for epochs in plan.pretrain_epochs:
         pretrain.start_step(exp, epochs, plan.pretrain_offset)
-    if not set(plan.perturb_levels) <= set(range(1, plan.levels + 1)):
-        raise UserError(f"perturbation levels {plan.perturb_levels} must lie in 1..{plan.levels}")
+    for name, levels, lowest in (("perturbation", plan.perturb_levels, 1), ("instability", plan.instability_levels, 0)):
+        if not set(levels) <= set(range(lowest, plan.levels + 1)):
+            raise UserError(f"{name} levels {levels} must lie in {lowest}..{plan.levels}")
     path_settings(plan).check()
+
+
+def instability_steps(plan: Plan, exp: Experiment, level: int) -> list[int]:
+    steps = steps_of(plan, exp)
+    return steps["instability"] if level == 0 else sorted({0, steps["rewind"]})
 
 
 def path_settings(plan: Plan) -> PathSettings:
@@ -113,13 +121,14 @@ def pieces(plan: Plan, exp: Experiment) -> list[plans.Piece]:
     steps, end, seeds = steps_of(plan, exp), exp.total_steps, len(exp.seeds)
     k = steps["rewind"]
     branch = branches.descriptor(exp, k, sorted(plan.perturb_levels), treatments(plan))
-    copies = instability.copies(exp, steps["instability"], 0)
     out = plans.dense_and_imp(exp, {0, k}, plan.levels) + [
         plans.Piece(f"telemetry replay ({steps['telemetry']} steps)", telemetry.descriptor_of(
             exp, steps["telemetry"], level=max(plan.perturb_levels), rewind=k), seeds, 0, steps["telemetry"]),
-        plans.Piece(f"perturbations ({len(branch.rows)} rows x seeds)", branch, len(branch.seeds), k, end),
-        plans.Piece(f"instability copies ({len(steps['instability'])} k x seeds)", copies,
-                    len(copies.seeds), min(steps["instability"]), end)]
+        plans.Piece(f"perturbations ({len(branch.rows)} rows x seeds)", branch, len(branch.seeds), k, end)]
+    for level in plan.instability_levels:
+        copies = instability.copies(exp, instability_steps(plan, exp, level), level)
+        out.append(plans.Piece(f"instability copies, level {level} ({len(copies.rewinds)} k x seeds)",
+                               copies, len(copies.seeds), copies.rewinds[0], end))
     task = pretrain.parse_task(plan.pretrain_task)
     for e in plan.pretrain_epochs:
         pre = runs.Pretraining(exp.dense, task, e)
@@ -151,10 +160,13 @@ def run_study(exp: Experiment, plan: Plan) -> dict[str, str]:
     save("dense", pipeline.result_rows(dense.result, level=0))
     save("imp", pipeline.imp(exp, sorted({0, k}), plan.levels))
     tel = telemetry.run_telemetry(exp, steps["telemetry"], level=max(plan.perturb_levels), rewind=k)
-    tables_["telemetry"] = shutil.copy(os.path.join(tel, "telemetry.csv"), os.path.join(out, "telemetry.csv"))
+    tables_["telemetry"] = tables.write_csv(tables.read_csv(os.path.join(tel, "telemetry.csv")),
+                                            os.path.join(out, "telemetry.csv"))
     save("perturbations", branches.reference_rows(exp, k, list(plan.perturb_levels))
          + branches.run_branches(exp, k, list(plan.perturb_levels), treatments(plan)))
-    along = instability.instability(exp, steps["instability"], settings=path_settings(plan))
+    along = [row for level in plan.instability_levels
+             for row in instability.instability(exp, instability_steps(plan, exp, level), level=level,
+                                                settings=path_settings(plan))]
     save("instability_path", along)
     save("instability", instability.barriers(along))
     task = pretrain.parse_task(plan.pretrain_task)

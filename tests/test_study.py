@@ -9,7 +9,7 @@ from helpers import TINY_DATA, tiny_config, with_workdir
 TINY_PLAN = study.Plan(rewind="3it", levels=1, perturb_levels=(1,), treatments=("shuffle_layer",),
                        noise_scales=(1.0,), instability_rewinds=("0it", "3it"), telemetry_steps="6it",
                        pretrain_task="blur", pretrain_epochs=(1,), instability_alphas=(0.0, 0.5, 1.0),
-                       instability_train_examples=32)
+                       instability_train_examples=32, instability_levels=(0, 1))
 
 
 def count_calls(exp, monkeypatch) -> int:
