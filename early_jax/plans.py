@@ -3,7 +3,8 @@
 A plan is a list of pieces, each a run (descriptor) with its number of state rows and steps. Pieces
 already finished in the work dir cost nothing; the rest are priced with the measured speed of this
 machine: seconds per training step of the seeds, and per evaluation of the test set. Stacked runs
-(perturbation rows, instability copies) cost in proportion to their rows.
+(perturbation rows, instability copies) cost in proportion to their rows, plus a compile for their
+own program shape; the instability path is priced from the forward passes it makes.
 """
 from __future__ import annotations
 
@@ -21,10 +22,13 @@ COMPILE_S = 4.0  # seconds to trace and compile a new program (a new trainer or 
 @dataclasses.dataclass(frozen=True)
 class Piece:
     name: str
-    descriptor: runs.Run | None   # None: not a run of its own (e.g. a replay); always priced
+    descriptor: runs.Run | None   # None: not a run of its own; always priced
     rows: int
     start: int                    # first step trained
     end: int
+    evals: int | None = None      # test-set evaluations (default: every eval_every, and the end)
+    extra_s: float = 0.0          # work besides training (measuring instability paths)
+    new_program: bool = False     # its own program shape or trainer: compiled first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +57,20 @@ def seconds(piece: Piece, exp: Experiment, speed: Speed) -> float:
     if piece.descriptor is not None and piece.descriptor.complete(exp.config.workdir):
         return 0.0
     scale = piece.rows / len(exp.seeds)
-    evals = len(evaluation_steps(max(1, exp.steps(exp.config.train.eval_every)), piece.start, piece.end))
-    return scale * ((piece.end - piece.start) * speed.step_s + evals * speed.eval_s) + COMPILE_S
+    evals = piece.evals if piece.evals is not None else \
+        len(evaluation_steps(max(1, exp.steps(exp.config.train.eval_every)), piece.start, piece.end))
+    compile_s = COMPILE_S if piece.new_program else 0.0
+    return scale * ((piece.end - piece.start) * speed.step_s + evals * speed.eval_s) + piece.extra_s + compile_s
+
+
+def path_seconds(exp: Experiment, speed: Speed, rows: int, settings) -> float:
+    """Measuring `rows` interpolation paths: per point, BatchNorm statistics from `bn_batches`
+    forward passes (a third of a training step each) and evaluations of the test set and the
+    train subset."""
+    per_seed_step, per_seed_eval = speed.step_s / len(exp.seeds), speed.eval_s / len(exp.seeds)
+    subset = min(settings.train_examples, len(exp.dataset.x_train)) / len(exp.dataset.x_test)
+    bn = settings.bn_batches if settings.recompute_bn else 0
+    return rows * len(settings.alphas) * (bn * per_seed_step / 3 + per_seed_eval * (1 + subset))
 
 
 def print_plan(title: str, pieces: list[Piece], exp: Experiment, speed: Speed) -> float:
@@ -74,7 +90,7 @@ def print_plan(title: str, pieces: list[Piece], exp: Experiment, speed: Speed) -
 def dense_and_imp(exp: Experiment, rewinds, levels: int) -> list[Piece]:
     """The dense run and IMP levels 1..levels for each rewind step."""
     seeds, end = len(exp.seeds), exp.total_steps
-    return [Piece("dense", exp.dense, seeds, 0, end)] + [
+    return [Piece("dense", exp.dense, seeds, 0, end, new_program=True)] + [
         Piece(f"IMP k={k} level {level}", exp.level(k, level), seeds, k, end)
         for k in sorted(set(rewinds)) for level in range(1, levels + 1)]
 
@@ -83,5 +99,6 @@ def print_perturbation_plan(exp: Experiment, k: int, levels: list[int], treatmen
     from early_jax import branches
     branch = branches.descriptor(exp, k, sorted(set(levels)), treatments)
     pieces = dense_and_imp(exp, {0, k}, max(levels)) + [
-        Piece(f"{len(branch.rows)} perturbed rows x seeds", branch, len(branch.seeds), k, exp.total_steps)]
+        Piece(f"{len(branch.rows)} perturbed rows x seeds", branch, len(branch.seeds), k, exp.total_steps,
+              new_program=True)]
     return print_plan(title, pieces, exp, measure(exp))

@@ -116,24 +116,28 @@ def treatments(plan: Plan) -> list[Treatment]:
     return [Treatment(name) for name in plan.treatments] + [Treatment("noise", n) for n in plan.noise_scales]
 
 
-def pieces(plan: Plan, exp: Experiment) -> list[plans.Piece]:
+def pieces(plan: Plan, exp: Experiment, speed: plans.Speed) -> list[plans.Piece]:
     """Every run the study trains (finished ones are priced at nothing by plans.print_plan)."""
     steps, end, seeds = steps_of(plan, exp), exp.total_steps, len(exp.seeds)
     k = steps["rewind"]
     branch = branches.descriptor(exp, k, sorted(plan.perturb_levels), treatments(plan))
     out = plans.dense_and_imp(exp, {0, k}, plan.levels) + [
         plans.Piece(f"telemetry replay ({steps['telemetry']} steps)", telemetry.descriptor_of(
-            exp, steps["telemetry"], level=max(plan.perturb_levels), rewind=k), seeds, 0, steps["telemetry"]),
-        plans.Piece(f"perturbations ({len(branch.rows)} rows x seeds)", branch, len(branch.seeds), k, end)]
+            exp, steps["telemetry"], level=max(plan.perturb_levels), rewind=k), seeds, 0, steps["telemetry"],
+            evals=len(telemetry.log_spaced_steps(steps["telemetry"])), new_program=True),
+        plans.Piece(f"perturbations ({len(branch.rows)} rows x seeds)", branch, len(branch.seeds), k, end,
+                    new_program=True)]
     for level in plan.instability_levels:
         copies = instability.copies(exp, instability_steps(plan, exp, level), level)
         out.append(plans.Piece(f"instability copies, level {level} ({len(copies.rewinds)} k x seeds)",
-                               copies, len(copies.seeds), copies.rewinds[0], end))
+                               copies, len(copies.seeds), copies.rewinds[0], end, new_program=True,
+                               extra_s=plans.path_seconds(exp, speed, len(copies.seeds), path_settings(plan))))
     task = pretrain.parse_task(plan.pretrain_task)
     for e in plan.pretrain_epochs:
         pre = runs.Pretraining(exp.dense, task, e)
         start = pretrain.start_step(exp, e, plan.pretrain_offset)
-        out.append(plans.Piece(f"pre-training {task.name} {e}ep", pre, seeds, 0, e * exp.steps_per_epoch))
+        out.append(plans.Piece(f"pre-training {task.name} {e}ep", pre, seeds, 0, e * exp.steps_per_epoch,
+                               new_program=True))
         out += [plans.Piece(f"  then level {level}", runs.AfterPretraining(
             pre, plan.pretrain_offset, exp.prune if level else None, level), seeds, start, end)
             for level in range(plan.levels + 1)]

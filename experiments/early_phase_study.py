@@ -19,8 +19,9 @@ def main(args):
     exp = pipeline.Experiment(config, data.from_config(config.data))
     study.check(plan, exp)
     start = time.time()
+    speed = plans.measure(exp)
     plans.print_plan(f"early-phase study, rewind k={plan.rewind}, {plan.levels} IMP levels",
-                     study.pieces(plan, exp), exp, plans.measure(exp))
+                     study.pieces(plan, exp, speed), exp, speed)
     study.run_study(exp, plan)
     path = report.write_report(exp.path(study.descriptor(exp, plan)))
     print(f"study finished in {format_seconds(time.time() - start)}; report: {path}")

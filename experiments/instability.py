@@ -30,13 +30,14 @@ def main(args):
     settings = PathSettings(tuple(cli.numbers(args.alphas)), args.bn_batches > 0, max(args.bn_batches, 1),
                             args.train_examples).check()
     levels = [0] + ([args.level] if args.level else [])
+    speed = plans.measure(exp)
     pieces = plans.dense_and_imp(exp, steps, args.level)
     for level in levels:
         copies = instability.copies(exp, steps, level)
         pieces.append(plans.Piece(f"copies 2, level {level} ({len(steps)} k x seeds)", copies,
-                                  len(copies.seeds), steps[0], exp.total_steps))
-    plans.print_plan(f"instability, k in {steps}, {len(settings.alphas)} points per path", pieces, exp,
-                     plans.measure(exp))
+                                  len(copies.seeds), steps[0], exp.total_steps, new_program=True,
+                                  extra_s=plans.path_seconds(exp, speed, len(copies.seeds), settings)))
+    plans.print_plan(f"instability, k in {steps}, {len(settings.alphas)} points per path", pieces, exp, speed)
     path = []
     for level in levels:
         instability.instability(exp, steps, level=level, settings=settings, alpha_chunk=args.alpha_chunk or None)

@@ -64,7 +64,8 @@ def _pieces(exp, task, epochs, args, rewind, reference_levels) -> list:
         sparse = exp.level(rewind, args.sparse_level) if args.sparse_level else None
         pre = runs.Pretraining(exp.dense, task, e, sparse)
         start = pretrain.start_step(exp, e, args.offset)
-        pieces.append(plans.Piece(f"pre-training {e}ep", pre, len(exp.seeds), 0, e * exp.steps_per_epoch))
+        pieces.append(plans.Piece(f"pre-training {e}ep", pre, len(exp.seeds), 0, e * exp.steps_per_epoch,
+                                  new_program=True))
         for level in [0] if sparse else range(exp.config.prune.levels + 1):
             after = runs.AfterPretraining(pre, args.offset, exp.prune if level else None, level)
             pieces.append(plans.Piece(f"  then level {args.sparse_level or level}", after, len(exp.seeds),

@@ -25,7 +25,8 @@ def main(args):
         pipeline.check_rewind_steps(exp, [rewind])
     pieces = plans.dense_and_imp(exp, [rewind] if args.level else [], args.level) + [plans.Piece(
         f"replay of {steps} steps", telemetry.descriptor_of(exp, steps, level=args.level, rewind=rewind,
-                                                             every=args.every), len(exp.seeds), 0, steps)]
+                                                             every=args.every), len(exp.seeds), 0, steps,
+        evals=len(telemetry.log_spaced_steps(steps)), new_program=True)]
     plans.print_plan("telemetry", pieces, exp, plans.measure(exp))
     out = telemetry.run_telemetry(exp, steps, level=args.level, rewind=rewind, every=args.every)
     print(f"results: {out}/telemetry.csv, telemetry_layers.csv, telemetry.png")

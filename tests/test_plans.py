@@ -30,7 +30,7 @@ def test_the_perturbation_plan_lists_every_run_and_prices_only_what_is_left(exp,
     # the rows of one run, each with its evaluations (every 12 steps) and a compile
     evals = lambda start: len([s for s in range(12, 24, 12) if s > start]) + 1
     expected = ((24 * 0.5 + evals(0)) + (21 * 0.5 + evals(3)) + 4 * (21 * 0.5 + evals(3))
-                + 3 * plans.COMPILE_S)
+                + plans.COMPILE_S)  # the branch's stacked rows compile a program of their own
     assert total == pytest.approx(expected)
     assert out[-1].strip() == f"estimated total ~{plans.format_seconds(total)}"
 

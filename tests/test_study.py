@@ -27,7 +27,7 @@ def test_study_runs_end_to_end_resumes_after_an_interrupt_and_reports_everything
                                          TINY_DATA), monkeypatch)
     assert total_calls > 8
     speed = plans.Speed(0.01, 0.02)
-    assert plans.print_plan("tiny", study.pieces(TINY_PLAN, exp), exp, speed) > 0
+    assert plans.print_plan("tiny", study.pieces(TINY_PLAN, exp, speed), exp, speed) > 0
     real, calls = exp.trainer.advance, []
 
     def interrupted(states, end, on_chunk=None, **kw):
@@ -71,7 +71,7 @@ def test_study_runs_end_to_end_resumes_after_an_interrupt_and_reports_everything
     os.remove(os.path.join(out, "fig1_imp.png"))
     study.run_study(exp, TINY_PLAN)
     assert restores == []
-    assert all(plans.seconds(p, exp, speed) == 0 for p in study.pieces(TINY_PLAN, exp))  # all found done
+    assert all(plans.seconds(p, exp, speed) == 0 for p in study.pieces(TINY_PLAN, exp, speed))  # all found done
     report.write_report(out)
     assert os.path.exists(os.path.join(out, "fig1_imp.png"))
     assert open(path).read().startswith("# early-phase study: convnet_tiny on ")  # title from study.json
