@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -221,3 +223,21 @@ def sparse_pretrain(exp: Experiment, task: Task, epochs: int, level: int, rewind
                   initial=lambda: main_start(exp, pre().states(), step0, mask(), new_head=bool(task.rotation)))
     tag = {"task": task.name + "_sparse", "pretrain_epochs": epochs}
     return [tag | row for row in pipeline.result_rows(outcome.result, level=level)]
+
+
+def rows_on_disk(exp: Experiment, task: Task, offset: str, sparse: runs.ImpLevel | None = None) -> list[dict]:
+    """Every finished run after pre-training on `task` (any number of epochs, any level) on disk,
+    for this dense run, prune setting and offset: what the tables and plots of a task show."""
+    folder = os.path.join(exp.path(exp.dense), "pretrain")
+    pattern = re.escape(task.name) + r"_(\d+)ep" + (re.escape(f"_sparse_{sparse.tag()}") if sparse else "")
+    found = [re.fullmatch(pattern, name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])]
+    rows = []
+    for epochs in sorted(int(m.group(1)) for m in found if m):
+        pre = runs.Pretraining(exp.dense, task, epochs, sparse)
+        tag = {"task": task.name + ("_sparse" if sparse else ""), "pretrain_epochs": epochs}
+        for level in ([0] if sparse else range(exp.config.prune.levels + 1)):
+            after = runs.AfterPretraining(pre, offset, exp.prune if level else None, level)
+            if after.complete(exp.config.workdir):
+                result = after.result(exp.config.workdir)
+                rows += [tag | row for row in pipeline.result_rows(result, level=sparse.level if sparse else level)]
+    return rows

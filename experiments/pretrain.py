@@ -34,12 +34,12 @@ def main(args):
                      + (f"the level-{args.sparse_level} subnetwork" if args.sparse_level else f"IMP ({levels} levels)"),
                      _pieces(exp, task, epochs, args, rewind, reference_levels), exp, plans.measure(exp))
     references = {f"IMP, rewind to {k}": pipeline.imp(exp, [k], reference_levels) for k in sorted({0, rewind})}
-    rows = []
     for e in epochs:
         if args.sparse_level:
-            rows += pretrain.sparse_pretrain(exp, task, e, args.sparse_level, rewind, args.offset)
+            pretrain.sparse_pretrain(exp, task, e, args.sparse_level, rewind, args.offset)
         else:
-            rows += pretrain.pretrain_imp(exp, task, e, levels, args.offset)
+            pretrain.pretrain_imp(exp, task, e, levels, args.offset)
+    rows = pretrain.rows_on_disk(exp, task, args.offset, exp.level(rewind, args.sparse_level) if args.sparse_level else None)
     out = os.path.join(exp.path(exp.dense), "pretrain", f"{task.name}_{args.offset}"
                        + (f"_sparse{args.sparse_level}" if args.sparse_level else ""))
     tables.write_csv(rows, os.path.join(out, "results.csv"))

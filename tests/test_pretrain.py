@@ -190,3 +190,12 @@ def test_widened_mask_keeps_the_level_mask_and_the_ignore_list():
     assert wide["head"]["kernel"].shape == (8, 4) and bool(wide["head"]["kernel"].all())
     ignored = pretrain.widen_mask(level, params, ignore=("head",))
     assert jax.tree.structure(ignored) == jax.tree.structure(masks.prunable_mask(params, ("head",)))
+
+
+def test_the_tables_of_a_task_gather_every_length_finished_on_disk(main):
+    task = pretrain.parse_task("blur")
+    pretrain.pretrain_imp(main, task, 1, levels=1, offset="none")
+    pretrain.pretrain_imp(main, task, 2, levels=1, offset="none")  # another call, another length
+    rows = pretrain.rows_on_disk(main, task, "none")
+    assert {(r["pretrain_epochs"], r["level"]) for r in rows} == {(1, 0), (1, 1), (2, 0), (2, 1)}
+    assert not pretrain.rows_on_disk(main, pretrain.parse_task("rotation"), "none")
