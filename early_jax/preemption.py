@@ -25,13 +25,10 @@ _state = {"training": 0, "requested": None}
 
 
 def _handler(signum, frame):
-    name = signal.Signals(signum).name
-    if _state["training"] and _state["requested"] is None:
-        _state["requested"] = name
-        return
-    if signum == signal.SIGTERM:
-        raise SystemExit(143)
-    raise KeyboardInterrupt
+    first = _state["requested"] is None
+    _state["requested"] = _state["requested"] or signal.Signals(signum).name
+    if not (_state["training"] and first):  # not training, or asked twice: stop here and now
+        raise KeyboardInterrupt
 
 
 def install() -> None:
