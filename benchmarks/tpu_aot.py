@@ -11,9 +11,10 @@ Programs (the same code a TPU would run, traced for the TPU: XLA's convolutions,
   perturb      shuffle within layers of every seed's kept weights (a perturbation at k)
   instability  the interpolation path between two copies of every seed (BatchNorm recomputed)
 One JSON line per program: per chip the bytes of arguments, temporaries and outputs; FLOPs per
-seed (per step for train); XLA's estimated seconds; and, extrapolated linearly from the compiled
-seeds per chip (the replicated dataset is the fixed part), the most seeds per chip that fit in the
-HBM of each TPU generation below.
+seed of one loop iteration (XLA's cost analysis counts a loop body once: one training step, one
+test batch, one point of the path); XLA's estimated seconds of that; and, extrapolated linearly
+from the compiled seeds per chip (the replicated dataset is the fixed part), the most seeds per
+chip that fit in the HBM of each TPU generation below.
 """
 from __future__ import annotations
 
@@ -71,8 +72,12 @@ def abstract_trainer(args, mesh):
     return Trainer(config, dataset, mesh=mesh, abstract=True)
 
 
+ITERATION = {"train": "one training step", "evaluate": "one test batch", "perturb": "the whole program",
+             "instability": "one point of the path"}
+
+
 def lowered(program: str, trainer):
-    """(jax `Lowered`, steps the FLOPs are counted over) for one program."""
+    """The jax `Lowered` of one program, from abstract inputs."""
     import jax
     import jax.numpy as jnp
     from early_jax import branches, interpolation
@@ -82,19 +87,19 @@ def lowered(program: str, trainer):
     states = trainer.abstract_state(seeds)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(trainer.mesh))
     if program == "train":
-        return trainer._advance[None].lower(states, (), trainer.arrays, scalar, scalar), 1
+        return trainer._advance[None].lower(states, (), trainer.arrays, scalar, scalar)
     if program == "evaluate":
-        return trainer._evaluate.lower(states, trainer.test), 1
+        return trainer._evaluate.lower(states, trainer.test)
     if program == "perturb":
         fn = branches.perturbation_program(Treatment("shuffle_layer"), 1)
-        return fn.lower(states.keys["perturb"], states.params, states.params, states.mask), 1
+        return fn.lower(states.keys["perturb"], states.params, states.params, states.mask)
     settings = interpolation.PathSettings()
     fn = interpolation._path_program(trainer, settings, 1 if trainer.parallel == "map" else len(settings.alphas))
     batch = trainer.config.train.batch_size
     image = trainer.arrays.images.shape[1:]
     bn = jax.ShapeDtypeStruct((settings.bn_batches, batch, *image), jnp.float32, sharding=replicated(trainer.mesh))
     return fn.lower(states.params, states.batch_stats, states.params, states.batch_stats, bn, trainer.test,
-                    trainer.test), 1
+                    trainer.test)  # the test set also stands in for the train-error subset
 
 
 def first(analysis):
@@ -104,7 +109,7 @@ def first(analysis):
 def size(program: str, trainer, args) -> dict:
     import jax
     start = time.time()
-    compiled = lowered(program, trainer)[0].compile()
+    compiled = lowered(program, trainer).compile()
     memory, cost = compiled.memory_analysis(), first(compiled.cost_analysis()) or {}
     chips = trainer.mesh.size
     per_chip = trainer.config.num_seeds // chips
@@ -120,8 +125,8 @@ def size(program: str, trainer, args) -> dict:
             "matmul_precision": args.matmul_precision, "compile_s": round(time.time() - start, 1),
             "MiB_per_chip": {"arguments": mib(memory.argument_size_in_bytes), "temp": mib(memory.temp_size_in_bytes),
                              "output": mib(memory.output_size_in_bytes), "total": mib(total)},
-            "flops_per_seed" + ("_step" if program == "train" else ""): flops / per_chip if flops else None,
-            "xla_estimated_s": cost.get("optimal_seconds"),
+            "flops_per_seed": flops / per_chip if flops else None, "counted_over": ITERATION[program],
+            "xla_estimated_s": estimate if (estimate := cost.get("optimal_seconds")) and estimate > 0 else None,
             "max_seeds_per_chip": fits}
 
 

@@ -41,12 +41,13 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     """Script docstrings keep their line breaks (examples stay one per line); defaults are shown."""
 
 
-def parser(description: str, replaced: dict[str, str] | None = None) -> argparse.ArgumentParser:
+def parser(description: str, replaced: dict[str, str] | None = None,
+           default_preset: str = "fashion_cpu") -> argparse.ArgumentParser:
     """--preset, one flag per config field, and the cluster flags. `replaced` {config flag: what
     to use instead} names the config flags this script does not read: giving one is refused
     rather than silently ignored."""
     p = Parser(description=description, formatter_class=_HelpFormatter)
-    add_config_flags(p, replaced or {})
+    add_config_flags(p, replaced or {}, default_preset)
     group = p.add_argument_group("multi-host runs (TPU pod slices, multi-node GPU)")
     group.add_argument("--distributed", action="store_true",
                        help="join a multi-process run with jax.distributed.initialize (on a TPU VM "
@@ -57,18 +58,17 @@ def parser(description: str, replaced: dict[str, str] | None = None) -> argparse
     return p
 
 
-def add_config_flags(parser: argparse.ArgumentParser, replaced: dict[str, str]) -> None:
-    parser.add_argument("--preset", default="fashion_cpu", choices=sorted(cfg.PRESETS),
-                        help="starting configuration (default: %(default)s, the offline CPU preset)")
-    cpu, paper = cfg.PRESETS["fashion_cpu"], cfg.PRESETS["cifar10_resnet20"]
+def add_config_flags(parser: argparse.ArgumentParser, replaced: dict[str, str], default_preset: str) -> None:
+    parser.add_argument("--preset", default=default_preset, choices=sorted(cfg.PRESETS),
+                        help="starting configuration (every flag below overrides one of its fields)")
     for name, flag in cfg.flags().items():
         if name in replaced:
             parser.add_argument(f"--{name}", dest=f"unused_{name}", default=None, help=argparse.SUPPRESS)
             continue
         where = f"{flag.section}.{flag.field}" if flag.section else flag.field
+        values = ", ".join(f"{preset} {cfg.flag_text(flag.get(config))}" for preset, config in cfg.PRESETS.items())
         parser.add_argument(f"--{name}", dest=f"cfg_{name}", default=argparse.SUPPRESS, metavar="V",
-                            help=f"{where}; preset fashion_cpu: {cfg.flag_text(flag.get(cpu))}, "
-                                 f"cifar10_resnet20: {cfg.flag_text(flag.get(paper))}")
+                            help=f"{where}; presets: {values}")
     parser.set_defaults(replaced_flags=replaced)
 
 
