@@ -14,7 +14,10 @@ One JSON line per program: per chip the bytes of arguments, temporaries and outp
 seed of one loop iteration (XLA's cost analysis counts a loop body once: one training step, one
 test batch, one point of the path); XLA's estimated seconds of that; and, extrapolated linearly
 from the compiled seeds per chip (the replicated dataset is the fixed part), the most seeds per
-chip that fit in the HBM of each TPU generation below.
+chip that fit in the HBM of each TPU generation below. "Per chip" means per JAX device of the topology; a v4 or v5p
+topology described without hardware shows each TensorCore as a device (two per v4 chip:
+`devices_per_chip`), while the seed estimates assume one program per chip with the whole HBM (as
+in megacore mode, a TPU VM's default).
 """
 from __future__ import annotations
 
@@ -120,7 +123,9 @@ def size(program: str, trainer, args) -> dict:
     per_seed = max(total - fixed, 1) / per_chip
     fits = {gen: int((gib * 2 ** 30 * USABLE - fixed) // per_seed) for gen, gib in HBM_GIB.items()}
     flops = cost.get("flops")
+    devices_per_chip = len({getattr(d, "core_on_chip", 0) for d in trainer.mesh.devices.flat})
     return {"program": program, "topology": args.topology, "model": args.model, "chips": chips,
+            "devices_per_chip": devices_per_chip,
             "seeds": trainer.config.num_seeds, "seeds_per_chip": per_chip,
             "matmul_precision": args.matmul_precision, "compile_s": round(time.time() - start, 1),
             "MiB_per_chip": {"arguments": mib(memory.argument_size_in_bytes), "temp": mib(memory.temp_size_in_bytes),
