@@ -109,6 +109,16 @@ PRESETS: dict[str, Config] = {
         train=TrainConfig(duration="10ep", lr=0.1, milestones=("5ep", "8ep"), eval_every="1ep",
                           save_steps=("0it", "25it", "50it", "100it", "250it", "500it", "1000it")),
         prune=PruneConfig(levels=4)),
+    # The offline preset in which the paper's findings show (docs/study_search.md): a small ResNet
+    # on Fashion-MNIST pooled to 14x14, at a high learning rate with no warmup, long enough to
+    # train well; 60% pruned per level (40% and 16% left), rewinding to k = 100 (7% of training).
+    "fashion_resnet8": Config(
+        model=ModelConfig(name="resnet8_w8"),
+        data=DataConfig(name="fashion_mnist_idx", augment=False, pool=2),
+        train=TrainConfig(duration="3ep", lr=0.4, milestones=("2ep",), eval_every="3ep",
+                          save_steps=("0it", "10it", "25it", "50it", "100it", "200it")),
+        prune=PruneConfig(fraction=0.6, levels=2, rewind_iters=("100it",)),
+        num_seeds=3),
 }
 
 # Flag name -> (section, field). Section fields keep their own names except the two `name`s.

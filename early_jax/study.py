@@ -38,20 +38,28 @@ class Plan:
     instability_bn_batches: int = 50
 
 
-# The config changes and plan of each preset's study. The CPU one is sized to finish within 20
-# minutes on 2 cores: 2 epochs per training, 2 seeds, and 3 IMP levels that remove 60% of the
-# remaining weights each (40%, 16%, 6.4% left), so that the sparse end is reached in 3 levels. Its
-# one pre-training epoch comes before the full 2-epoch run (replacing half of it, after the
-# learning-rate drop, would measure the shortened training rather than the pre-training).
+# The config changes and plan of each preset's study. `fashion_resnet8` (the default, what
+# `make demo` runs) is where the paper's findings show on a CPU (docs/study_search.md): 3 seeds,
+# 2 levels, perturbations at the sparsest level (16% left), instability of the dense network at
+# four k and of that level's subnetworks at 0 and k, one epoch of blur pre-training before the full
+# run (replacing one of its three epochs would measure a shortened run rather than the
+# pre-training). `fashion_cpu` is the quick study of the small convnet (2 epochs, 2 seeds), in
+# which nothing depends on the early phase.
+CPU_PATHS = dict(instability_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), instability_train_examples=2000,
+                 instability_bn_batches=20)
 STUDIES = {
+    "fashion_resnet8": (
+        {},
+        Plan(rewind="100it", levels=2, perturb_levels=(2,), noise_scales=(1.0, 3.0),
+             instability_rewinds=("0it", "10it", "50it", "200it"), instability_levels=(0, 2),
+             telemetry_steps="400it", pretrain_task="blur", pretrain_epochs=(1,), pretrain_offset="none",
+             **CPU_PATHS)),
     "fashion_cpu": (
         {"duration": "2ep", "milestones": "1ep", "save_steps": "0it,10it,25it,50it,100it,200it",
          "num_seeds": "2", "eval_every": "2ep", "fraction": "0.6"},
         Plan(rewind="50it", levels=3, perturb_levels=(2, 3), noise_scales=(1.0, 3.0),
              instability_rewinds=("0it", "10it", "50it", "200it"), telemetry_steps="400it",
-             pretrain_task="blur", pretrain_epochs=(1,), pretrain_offset="none",
-             instability_alphas=(0.0, 0.25, 0.5, 0.75, 1.0),
-             instability_train_examples=2000, instability_bn_batches=20)),
+             pretrain_task="blur", pretrain_epochs=(1,), pretrain_offset="none", **CPU_PATHS)),
     "cifar10_resnet20": (
         {"num_seeds": "2"},
         Plan()),
