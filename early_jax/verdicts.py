@@ -93,8 +93,9 @@ def loses_benefit(rows: list[dict], treatment: str, level: int, control: str, ze
     benefit = c.mean - o.mean
     kept = (t.mean - o.mean) / benefit if benefit > 0 else math.nan
     z = z_score(c, t)
-    numbers = (f"{treatment} {_text(t)}% vs control {_text(c)}%, rewind to 0 {_text(o)}% "
-               f"(z = {z:.1f}, keeps {'n/a' if math.isnan(kept) else f'{100 * kept:.0f}%'} of the benefit)")
+    share = ("n/a" if math.isnan(kept) else "none: below rewinding to 0" if kept < 0
+             else f"{100 * kept:.0f}% of the benefit")
+    numbers = f"{treatment} {_text(t)}% vs control {_text(c)}%, rewind to 0 {_text(o)}% (z = {z:.1f}, keeps {share})"
     if benefit <= 0:
         return numbers + "; rewinding to k has no benefit here", NOT
     verdict = by_z(z)
