@@ -30,7 +30,7 @@ from early_jax import progress as prog
 from early_jax.checkpoint import Checkpoints
 from early_jax.config import to_steps
 from early_jax.errors import UserError
-from early_jax.runs import FORMAT, Run
+from early_jax.runs import Run, check_format
 from early_jax.train import Trainer, TrainState, current_step
 
 
@@ -65,9 +65,7 @@ class RunDir:
         description = json.loads(json.dumps(description))  # tuples -> lists, as stored
         if os.path.exists(path):
             stored = files.read_json(path)
-            if "format" not in stored:
-                raise UserError(f"{self.path} was written by an earlier early_jax whose runs cannot be "
-                                "reused; move it out of the work dir (or pass another --workdir) and rerun")
+            check_format(self.path, stored)
             if stored != description:
                 raise UserError(f"{self.path} holds a different run ({_difference(stored, description)}); "
                                 "use another --workdir or delete that folder")

@@ -275,7 +275,11 @@ def check_no_older_layout(workdir: str, dense_run: Dense) -> None:
     for name in sorted(os.listdir(workdir)):
         record = os.path.join(workdir, name, "run.json")
         if name.startswith(prefix) and name.endswith(suffix) and os.path.isfile(record):
-            if "format" not in files.read_json(record):
-                raise UserError(f"{os.path.join(workdir, name)} was written by an earlier early_jax "
-                                "whose runs cannot be reused; move that folder out of the work dir "
-                                "(or pass another --workdir) and rerun")
+            check_format(os.path.join(workdir, name), files.read_json(record))
+
+
+def check_format(folder: str, recorded: dict) -> None:
+    """Refuse a run.json written before run descriptors (it has no "format")."""
+    if "format" not in recorded:
+        raise UserError(f"{folder} was written by an earlier early_jax whose runs cannot be reused; "
+                        "move that folder out of the work dir (or pass another --workdir) and rerun")
