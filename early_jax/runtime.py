@@ -107,9 +107,14 @@ def apply_xla_flags() -> None:
     _state["xla_flags_reason"] = "applied"
 
 
-def default_cache_dir() -> str:
+def user_cache_dir() -> str:
+    """`$XDG_CACHE_HOME/early_jax` (default `~/.cache/early_jax`): the package's caches."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "early_jax", "jax")
+    return os.path.join(base, "early_jax")
+
+
+def default_cache_dir() -> str:
+    return os.path.join(user_cache_dir(), "jax")
 
 
 def _jax_cache_dir():

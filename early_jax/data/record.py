@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from early_jax import files
+from early_jax import files, runtime
 from early_jax.errors import UserError
 
 
@@ -78,8 +78,8 @@ def fingerprint(dataset: Dataset) -> str:
     """A hash of the arrays' contents (what a run's identity records), cached per source file by
     path, size and modification time, so rereading unchanged files costs nothing and an edited
     file gives a new fingerprint."""
-    key = json.dumps([[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns]
-                      for p in dataset.sources]) if dataset.sources else None
+    key = json.dumps([[os.path.abspath(p), stat.st_size, stat.st_mtime_ns]
+                      for p in dataset.sources for stat in [os.stat(p)]]) if dataset.sources else None
     cache = _fingerprint_cache()
     if key and key in cache:
         return cache[key]
@@ -95,8 +95,7 @@ def fingerprint(dataset: Dataset) -> str:
 
 
 def _fingerprint_path() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "early_jax", "data_fingerprints.json")
+    return os.path.join(runtime.user_cache_dir(), "data_fingerprints.json")
 
 
 def _fingerprint_cache() -> dict:
