@@ -160,7 +160,7 @@ class Trainer:
         if len(dataset.x_train) < tc.batch_size:
             raise UserError(f"{dataset.name} has {len(dataset.x_train)} training examples, fewer than "
                             f"one batch of {tc.batch_size}; lower --batch_size")
-        check_image_shape(self.model, config.model.name, dataset.image_shape)
+        variables = check_image_shape(self.model, config.model.name, dataset.image_shape)
         self.ignore = ignored_layers(config)
         self.steps_per_epoch = steps_per_epoch(len(dataset.x_train), tc.batch_size)
         self.total_steps = to_steps(tc.duration, self.steps_per_epoch)
@@ -180,7 +180,7 @@ class Trainer:
         self._advance = {None: self._compile_advance()}
         self._evaluate = self._compile_evaluate()
         if self.ignore:
-            self._check_ignore_patterns()
+            self._check_ignore_patterns(variables["params"])
 
     @property
     def execution(self) -> dict:
@@ -213,10 +213,8 @@ class Trainer:
         sharding.check_seed_count(num_seeds, self.mesh)
         return self._init.eval_shape(jax.ShapeDtypeStruct((num_seeds,), jnp.int32))
 
-    def _check_ignore_patterns(self) -> None:
+    def _check_ignore_patterns(self, params) -> None:
         """An ignore pattern that matches no kernel is a typo (e.g. PyTorch's 'fc' for 'head')."""
-        params = jax.eval_shape(lambda: models.init_variables(self.model, jax.random.key(0),
-                                                              self.dataset.image_shape))["params"]
         kernels = models.prunable_paths(params)
         unmatched = [p for p in self.ignore if not any(models.is_ignored(k, [p]) for k in kernels)]
         if unmatched:
@@ -331,12 +329,14 @@ class Trainer:
         return {"test_loss": out[:, 0], "test_accuracy": out[:, 1]}
 
 
-def check_image_shape(model, name: str, image_shape) -> None:
+def check_image_shape(model, name: str, image_shape) -> dict:
     """Refuse images the model cannot take: an error from its forward pass, or a layer whose
-    output would be empty (e.g. VGG's five poolings on 8x8 images), as one sentence."""
+    output would be empty (e.g. VGG's five poolings on 8x8 images), as one sentence. Returns the
+    shapes of the model's variables (traced once here, for the other checks)."""
     x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     try:
-        program = jax.make_jaxpr(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+        program, variables = jax.make_jaxpr(lambda x: model.init(jax.random.key(0), x, train=False),
+                                            return_shape=True)(x)
     except Exception as err:  # shape errors of any layer
         raise UserError(f"{name} cannot take {'x'.join(map(str, image_shape))} images "
                         f"({str(err).splitlines()[0][:200]}); use larger images or another --model") from None
@@ -344,6 +344,7 @@ def check_image_shape(model, name: str, image_shape) -> None:
         raise UserError(f"{name} cannot take {'x'.join(map(str, image_shape))} images: a layer's output "
                         "would be empty (too small for its poolings or strides); use larger images or "
                         "another --model")
+    return variables
 
 
 def _has_empty_value(jaxpr) -> bool:
